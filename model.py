@@ -46,6 +46,7 @@ import re
 import shutil
 import types
 import typing
+import zipfile
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -867,6 +868,18 @@ def load_llava_weights(model, path, dtype=torch.float32, device="cpu"):
     return model
 
 
+def read_llava_config(path):
+    """The LlavaConfig of a llava-hf checkpoint folder, from its config.json (missing fields: defaults)."""
+    config_file = Path(path) / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{config_file} not found: expected a llava-hf checkpoint folder with "
+                                "config.json and model.safetensors (or model.safetensors.index.json)")
+    try:
+        return LlavaConfig.from_dict(json.loads(config_file.read_text()))
+    except (json.JSONDecodeError, TypeError, ValueError, AttributeError) as e:
+        raise ValueError(f"{config_file} is not a llava-hf config.json ({type(e).__name__}: {e})") from None
+
+
 def load_llava(path, dtype=torch.float32, device="cpu"):
     """Build LLaVA-1.5 from a llava-hf checkpoint folder: config.json plus model.safetensors or a sharded
     model.safetensors.index.json, in the hub layout or the one transformers' save_pretrained writes.
@@ -876,11 +889,7 @@ def load_llava(path, dtype=torch.float32, device="cpu"):
     checks (the `llava-1.5-7b` preset's dry run).
     """
     path = Path(path)
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"{config_file} not found: expected a llava-hf checkpoint folder with "
-                                "config.json and model.safetensors (or model.safetensors.index.json)")
-    config = LlavaConfig.from_dict(json.loads(config_file.read_text()))
+    config = read_llava_config(path)
     with torch.device("meta"):
         model = Llava(config)
     if str(device) == "meta":
@@ -1078,8 +1087,8 @@ class Tokenizer:
                 self.spec.setdefault("added_tokens", []).append(
                     {"id": i, "content": token, "single_word": False, "lstrip": False, "rstrip": False,
                      "normalized": False, "special": True})
+                self._refresh_added()  # the next new token's id counts this one
             ids.append(i)
-        self._refresh_added()
         return ids
 
     # --- encoding ---
@@ -1727,16 +1736,19 @@ _RESTRICTED_PICKLE = types.SimpleNamespace(__name__="restricted_pickle", Unpickl
 
 def _torch_load_safely(path):
     """torch.load without executing pickled code: weights_only first (torch's hardened unpickler), then, if
-    it refused a class, our unpickler that also reads config objects as inert data and refuses the rest."""
+    it refused a class, our unpickler that also reads config objects as inert data and refuses the rest.
+    Files in torch's zip format are memory-mapped: tensors are read from disk when used, so reading the
+    config of a 2.5 GB HMR2.0 checkpoint costs little, and loading it holds no second copy."""
+    mmap = zipfile.is_zipfile(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError:
         pass  # most likely the pickled training config; retried below
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         raise ValueError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}: {e}). "
                          f"{_HMR2_HINT}") from None
     try:
-        return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_RESTRICTED_PICKLE)
+        return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_RESTRICTED_PICKLE, mmap=mmap)
     except _RefusedGlobal as e:
         raise ValueError(
             f"{path}: {e}. A pose-encoder checkpoint may hold tensors and plain config data only; loading "
@@ -1775,6 +1787,43 @@ def read_pose_encoder_state(path):
     if not_tensors:
         raise ValueError(f"{path}: entries that are not tensors: {not_tensors[:5]}. {_HMR2_HINT}")
     return state
+
+
+# ViT widths -> heads of the backbones ViTPose / HMR2.0 release (B, L, H); other widths get 64-wide heads.
+_VIT_HEADS = {768: 12, 1024: 16, 1280: 16}
+
+
+def pose_vit_config_from_state(state, **overrides):
+    """The PoseViTConfig that a backbone state dict (read_pose_encoder_state) was trained with, read from
+    its shapes: width and patch size from patch_embed.proj.weight (D, C, p, p), depth from the blocks, MLP
+    ratio from fc1, the patch grid from pos_embed (1, Hp*Wp + 1, D) taken as HMR2.0's 4:3 (H:W) crop.
+    What shapes cannot tell comes from `overrides` or HMR2.0's values: the heads (_VIT_HEADS), the padding
+    (2), the layer-norm eps; `overrides` also wins over anything read."""
+    try:
+        D, C, p, _ = state["patch_embed.proj.weight"].shape
+        depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
+        ratio = state["blocks.0.mlp.fc1.weight"].shape[0] // D
+        n_patches = state["pos_embed"].shape[1] - 1
+    except (KeyError, ValueError, IndexError) as e:
+        raise ValueError(f"not a ViTPose / HMR2.0 backbone state dict ({type(e).__name__}: {e}); expected "
+                         f"patch_embed.proj.weight, pos_embed and blocks.N.* tensors") from None
+    read = dict(hidden_size=D, num_channels=C, patch_size=p, num_hidden_layers=depth, mlp_ratio=ratio,
+                num_attention_heads=_VIT_HEADS.get(D, max(1, D // 64)))
+    Wp = math.isqrt(n_patches * 3 // 4)
+    if "image_size" not in overrides:
+        if Wp * (4 * Wp // 3) != n_patches or (4 * Wp) % 3:
+            raise ValueError(f"pos_embed holds {n_patches} patch positions, not a 4:3 grid like HMR2.0's 16 x 12; "
+                             f"pass pose_vit={{'image_size': (H, W)}}")
+        read["image_size"] = (4 * Wp // 3 * p, Wp * p)
+    return PoseViTConfig(**{**read, **overrides})
+
+
+def read_pose_vit_config(path, **overrides):
+    """pose_vit_config_from_state of the backbone in an HMR2.0 checkpoint file."""
+    try:
+        return pose_vit_config_from_state(read_pose_encoder_state(path), **overrides)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
 
 
 def load_pose_encoder(path, config=None, dtype=torch.float32, device="cpu"):
@@ -2043,15 +2092,24 @@ class PoseLLaVAConfig:
         """The `tiny` or `llava-1.5-7b` config. The token ids come from `tokenizer` (required for tiny,
         whose vocabulary is a BPE trained on PoseWorld; optional for 7B, whose llava-hf ids are known);
         `<POSE>` is added to the tokenizer if it lacks it. Overrides: any field, and for tiny the sizes
-        of `_tiny_config`."""
+        of `_tiny_config`. llava-1.5-7b reads its sizes from the files when their paths are given:
+        llava_path/config.json (read_llava_config) and the shapes in pose_encoder_path (read_pose_vit_config;
+        `pose_vit={...}` sets what shapes cannot tell, such as the number of heads)."""
         if name == "tiny":
             if tokenizer is None:
                 raise ValueError("the tiny preset takes its vocabulary from a tokenizer "
                                  "(Tokenizer.train_bpe on PoseWorld text); pass tokenizer=")
             return _tiny_config(tokenizer, **overrides)
         if name == "llava-1.5-7b":
-            config = cls(preset=name, llava=LlavaConfig.from_dict(LLAVA_15_7B_CONFIG), pose_vit=PoseViTConfig(),
-                         pose_token_id=32002, **overrides)
+            # The sizes come from the files the user has (so LLaVA-1.5-13B, or a smaller test model, works
+            # unchanged); without them, the published 7B / ViT-H ones (the weightless `meta` dry run).
+            llava_path, pose_path = overrides.get("llava_path"), overrides.get("pose_encoder_path")
+            llava = read_llava_config(llava_path) if llava_path else LlavaConfig.from_dict(LLAVA_15_7B_CONFIG)
+            pose_vit = overrides.pop("pose_vit", None)
+            if isinstance(pose_vit, dict) or pose_vit is None:
+                pose_vit = (read_pose_vit_config(pose_path, **(pose_vit or {})) if pose_path
+                            else PoseViTConfig(**(pose_vit or {})))
+            config = cls(preset=name, llava=llava, pose_vit=pose_vit, pose_token_id=32002, **overrides)
             if tokenizer is not None:
                 ids = _token_ids(tokenizer)
                 if ids["image"] != config.llava.image_token_index:
@@ -2371,6 +2429,10 @@ def build_pose_llava(config, device="cpu", dtype=torch.float32):
     if missing:
         raise ValueError(f"the {config.preset} preset loads pretrained weights; set {missing} (llava_path: a "
                          f"llava-hf/llava-1.5-7b-hf folder; pose_encoder_path: HMR2.0's checkpoint). {_HMR2_HINT}")
+    differences = _config_differences(read_llava_config(config.llava_path).to_dict(), config.llava.to_dict())
+    if differences:  # before reading gigabytes of weights
+        raise ValueError(f"{config.llava_path} holds another LLaVA than this config describes (file vs config): "
+                         + "; ".join(differences))
     llava = load_llava(config.llava_path, dtype, device)
     f_b = load_pose_encoder(config.pose_encoder_path, config.pose_vit, dtype, device)
     return PoseLLaVA(config, llava=llava, pose_encoder=f_b)

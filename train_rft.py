@@ -79,8 +79,6 @@ class RFTConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
-    lora_r: int = 8
-    lora_alpha: float = 16.0
     # data (PoseWorld must match the SFT run's; real sets as in train_sft.py)
     data: str = "poseworld"
     poseworld_size: int = 6000

@@ -121,8 +121,10 @@ def test_encode_decode_parity_with_tokenizers(llama_spec, tmp_path, variant):
             "metaspace_first_split": _metaspace_variant(llama_spec, split=True),
             "metaspace_always": _metaspace_variant(llama_spec, split=True, scheme="always")}[variant]
     ours, hf = _load_both(spec, tmp_path)
-    hf.add_special_tokens(["<image>", "<POSE>"])
-    assert ours.add_special_tokens(["<image>", "<POSE>"]) == [hf.token_to_id("<image>"), hf.token_to_id("<POSE>")]
+    new = ["<image>", "<POSE>", "<extra_1>", "<POSE>"]  # known, new, new in one call, repeated
+    hf.add_special_tokens(new)
+    assert ours.add_special_tokens(new) == [hf.token_to_id(t) for t in new]
+    assert len(set(ours.add_special_tokens(new))) == 3
     assert ours.vocab_size == hf.get_vocab_size(with_added_tokens=True)
     _assert_parity(ours, hf, BATTERY + _sentences(50, seed=1))
 
