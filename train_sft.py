@@ -54,6 +54,7 @@ class SFTConfig:
     seed: int = 0
     device: str = "auto"             # "auto" = cuda:LOCAL_RANK if available, else cpu
     dtype: str = "float32"           # "bfloat16" autocast on GPU for the 7B preset
+    activation_checkpointing: bool = False  # recompute the LLM's layers in backward: less memory, ~30% slower
     # data
     data: str = "poseworld"          # "poseworld" (the tiny world), or real sets: "posescript,h36m,llava_instruct"
     poseworld_size: int = 6000       # training samples of PoseWorld (t2p / i2p / vqa mixed)
@@ -193,15 +194,12 @@ def load_train_state(out_dir):
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def pose_targets(pose_aa):
-    """Ground-truth pose p as the head's 144 numbers: axis-angle (B, 24, 3) -> rot6d (B, 144)."""
-    R = smpl.axis_angle_to_matrix(pose_aa)  # (B, 24, 3, 3)
-    return smpl.matrix_to_rot6d(R).flatten(1)  # (B, 144)
+pose_targets = M.pose_to_rot6d  # ground-truth pose as the head's 144 numbers: axis-angle (B, 24, 3) -> (B, 144)
 
 
 def pose_joints(body_model, p):
     """SMPL joints of rot6d poses p (B, 144) -> (B, 24, 3), joints-only (no mesh)."""
-    R = smpl.rot6d_to_matrix(p.view(-1, 24, 6))  # (B, 24, 3, 3)
+    R = M.pose_to_matrices(p)  # (B, 24, 3, 3)
     return body_model(R[:, 1:], global_orient=R[:, 0], return_vertices=False).joints  # (B, 24, 3)
 
 
@@ -342,6 +340,7 @@ def build_policy(cfg, tokenizer, device):
                                          pose_encoder_path=cfg.pose_encoder_path or None,
                                          smpl_path=cfg.smpl_path or None, deterministic=cfg.deterministic_head)
     policy.set_trainable("sft")
+    policy.llava.language_model.model.gradient_checkpointing = cfg.activation_checkpointing
     return policy
 
 

@@ -138,10 +138,14 @@ def test_sft_rft_eval_on_real_format_files(files, tmp_path):
     assert set(reference) == set(stored) and set(after) == set(stored) | {f"reference.{n}" for n in stored}
     assert all(torch.equal(reference[n], stored[n]) for n in stored)  # pi_ref = pi_init, the SFT model
 
-    # bf16 as on the GPU (frozen base in bfloat16, trained tensors float32, autocast): runs on CPU too
+    # bf16 as on the GPU (frozen base in bfloat16, trained tensors float32, autocast), with activation
+    # checkpointing: runs on CPU too
+    cfg = train_rft.apply_overrides(train_rft.RFTConfig(), [f"--sft_dir={sft}", "--activation_checkpointing=true",
+                                                            *paths(files)])
+    assert train_rft.load_policy(cfg, torch.device("cpu"))[0].llava.language_model.model.gradient_checkpointing
     train_rft.main(["--preset=llava-1.5-7b", *paths(files), f"--sft_dir={sft}", f"--out_dir={tmp_path / 'bf16'}",
                     "--max_steps=1", "--G=2", "--batch_size=2", "--max_new_tokens=10", "--eval=false",
-                    "--num_threads=1", "--dtype=bfloat16"])
+                    "--num_threads=1", "--dtype=bfloat16", "--activation_checkpointing=true"])
     row = json.loads(open(tmp_path / "bf16" / "metrics.jsonl").readline())
     assert np.isfinite(row["loss"]) and np.isfinite(row["grad_norm"]), row
 
