@@ -57,6 +57,11 @@ Where this code departs from the paper, or chooses where the paper leaves a choi
    passes e^20 = 5e8 is far outside the clip range; with a negative advantage the unclipped PPO
    term would still push on it, and here it does not.
 11. The functions return a loss to MINIMISE: the negative of Eq. 6.
+12. An option beyond the paper: `pose_kl=` replaces the pose part of the KL by a value the caller
+   computes, meant for the closed-form KL between the current and reference Gaussians (gaussian_kl;
+   train_rft.py --pose_kl=exact). With 144 dimensions and a small std, a mean shift of a few degrees
+   already moves the log-density ratio past the +-20 clamp of note 10, where k3 stops pulling; the
+   closed form has no clamp and no sampling noise. k3 stays the default, as GRPO has it.
 """
 from __future__ import annotations
 
@@ -172,7 +177,7 @@ def _clipped_surrogate(ratio, adv, clip_eps):
 
 def hygrpo_loss(logp, old_logp, ref_logp, mask, adv_d,
                 pose_logp, old_pose_logp, ref_pose_logp, adv_c, valid,
-                clip_eps: float = 0.2, beta: float = 0.04, discrete_only: bool = False):
+                clip_eps: float = 0.2, beta: float = 0.04, discrete_only: bool = False, pose_kl=None):
     """The negative of the HyGRPO objective, Eq. 6, with the choices 1-11 of the module docstring.
 
     logp, old_logp, ref_logp: (N, T) per-token log-probs of the N sampled answers under the current,
@@ -189,6 +194,9 @@ def hygrpo_loss(logp, old_logp, ref_logp, mask, adv_d,
         multiplies the zero gradient by NaN there. Compute log-densities of invalid candidates at a
         harmless point (e.g. the detached mean) or leave them out of the graph.
     discrete_only: plain GRPO (Fig. 4's baseline), the continuous surrogate and its KL dropped.
+    pose_kl: optional (N,) per-candidate KL(pi_theta(p|q,a) || pi_ref(p|q,a)) to use for the pose part of
+        the KL in place of the k3 estimate at the sampled pose (note 12): e.g. gaussian_kl of the two
+        heads' Gaussians, exact and never clamped. It must carry the gradient; invalid slots are ignored.
 
     Returns (loss, stats); stats holds python floats: the loss and its parts, the KL of each part,
     the clip fractions, the mean ratios and V/N.
@@ -228,7 +236,12 @@ def hygrpo_loss(logp, old_logp, ref_logp, mask, adv_d,
     r_c = torch.exp((pl - old_pl).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO))  # (N,)
     surr_c, clip_c = _clipped_surrogate(r_c, A_c, clip_eps)  # (N,), (N,)
     J_c = torch.where(valid, surr_c, zc).sum() / max(V, 1)  # () zero when V = 0
-    kl_c = torch.where(valid, kl_k3(pl, ref_pl), zc).sum() / max(V, 1)  # ()
+    if pose_kl is None:
+        kl_c = torch.where(valid, kl_k3(pl, ref_pl), zc).sum() / max(V, 1)  # () k3 at the sampled poses
+    else:
+        if pose_kl.shape != (N,):
+            raise ValueError(f"pose_kl must be (N,) = ({N},), one value per candidate, got {tuple(pose_kl.shape)}")
+        kl_c = torch.where(valid, pose_kl, zc).sum() / max(V, 1)  # () the given (exact) KL, note 12
 
     if discrete_only:
         loss = -(J_d - beta * kl_d)

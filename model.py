@@ -2497,9 +2497,10 @@ def sample_policy(model, batch, G, max_new_tokens, temperature=1.0, top_p=1.0, g
 
 
 class PolicyScores(typing.NamedTuple):
-    """What policy_logprobs returns; unpacks as `logprobs, pose_logprobs = policy_logprobs(...)`."""
+    """What policy_logprobs returns."""
     logprobs: torch.Tensor       # (N, Tn) log pi(a_t | q, a_<t) of the rollout's tokens; 0 where masked
     pose_logprobs: torch.Tensor  # (N,) log pi(p_i | q, a_i) of the rollout's poses; 0 where invalid
+    pose: PoseGaussian           # (N, 144) mu, log_std of pi(p | q, a_i); an invalid row reads some other token
 
 
 def policy_logprobs(model, rollout):
@@ -2507,7 +2508,7 @@ def policy_logprobs(model, rollout):
     per-token log-probs of the sampled answers and the log-densities of the sampled poses, read at the
     first generated `<POSE>` of each answer. Under `model.reference()` it scores pi_ref. With the
     parameters that sampled the rollout it reproduces rollout.logprobs / pose_logprobs (up to float
-    rounding). Returns PolicyScores (logprobs, pose_logprobs).
+    rounding). Returns PolicyScores (logprobs, pose_logprobs, pose: the Gaussians themselves).
 
     The prompt's visual tokens are rebuilt from the stored encoder features with the current W_a, W_b;
     the encoders themselves must be frozen (they are in RFT), since their features were stored without
@@ -2534,7 +2535,7 @@ def policy_logprobs(model, rollout):
     rows = torch.arange(h.shape[0], device=h.device)  # (N,)
     dist = model.pose_head(h[rows, T0 + first])  # (N, 144) each
     pose_logprobs = torch.where(rollout.valid, dist.log_prob(rollout.pose), torch.zeros_like(dist.mu[:, 0]))  # (N,)
-    return PolicyScores(logprobs=logprobs, pose_logprobs=pose_logprobs)
+    return PolicyScores(logprobs=logprobs, pose_logprobs=pose_logprobs, pose=dist)
 
 
 # ----------------------------------------------------------------------------------------------------

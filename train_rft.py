@@ -69,6 +69,7 @@ class RFTConfig:
     inner_epochs: int = 1             # policy updates per sampled batch (the old policy stays the sampler)
     clip_eps: float = 0.2             # epsilon of the clipped ratios
     beta: float = 0.04                # weight of the KL to the reference policy
+    pose_kl: str = "k3"               # pose part of the KL: "k3" at the sampled pose, or "exact" (closed form)
     temperature: float = 1.0          # sampling temperature of the text policy
     top_p: float = 1.0
     max_new_tokens: int = 24
@@ -143,7 +144,7 @@ def hygrpo_step(policy, opt, params, batch, cfg, ctx, weights, body_model, token
     F_hat = hygrpo.group_advantages(R_d, G=G)  # (N,) every candidate has a text answer
     Delta_hat = hygrpo.group_advantages(R_c, valid=rollout.valid, G=G)  # (N,) 0 outside V
     with torch.no_grad(), policy.reference():  # pi_ref = pi_init: frozen copies of every RFT-trained tensor
-        ref_logp, ref_pose_logp = M.policy_logprobs(policy, rollout)  # (N, Tn), (N,)
+        ref = M.policy_logprobs(policy, rollout)  # (N, Tn) logprobs, (N,) pose_logprobs, (N, 144) Gaussians
     timings["t_score"] = time.time() - t0
 
     # line 9: maximise Eq. 6 (minimise its negative), inner_epochs times on the same samples
@@ -151,13 +152,16 @@ def hygrpo_step(policy, opt, params, batch, cfg, ctx, weights, body_model, token
     policy.train()
     old_logp = old_pose_logp = None
     for _ in range(cfg.inner_epochs):
-        logp, pose_logp = M.policy_logprobs(policy, rollout)  # (N, Tn), (N,) with gradients
+        cur = M.policy_logprobs(policy, rollout)  # with gradients
+        logp, pose_logp = cur.logprobs, cur.pose_logprobs  # (N, Tn), (N,)
         if old_logp is None:  # the old policy is the sampler: the parameters before any update
             old_logp, old_pose_logp = logp.detach(), pose_logp.detach()
-        loss, stats = hygrpo.hygrpo_loss(logp, old_logp, ref_logp, rollout.mask, F_hat, pose_logp,
-                                         old_pose_logp, ref_pose_logp, Delta_hat, rollout.valid,
+        exact_kl = hygrpo.gaussian_kl(cur.pose.mu, cur.pose.log_std, ref.pose.mu, ref.pose.log_std)  # (N,)
+        loss, stats = hygrpo.hygrpo_loss(logp, old_logp, ref.logprobs, rollout.mask, F_hat, pose_logp,
+                                         old_pose_logp, ref.pose_logprobs, Delta_hat, rollout.valid,
                                          clip_eps=cfg.clip_eps, beta=cfg.beta,
-                                         discrete_only=cfg.algo == "grpo")
+                                         discrete_only=cfg.algo == "grpo",
+                                         pose_kl=exact_kl if cfg.pose_kl == "exact" else None)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         average_gradients(params, world_size)
@@ -165,7 +169,9 @@ def hygrpo_step(policy, opt, params, batch, cfg, ctx, weights, body_model, token
         opt.step()
     timings["t_update"] = time.time() - t0
 
-    metrics = {**stats, "grad_norm": grad_norm, **timings,
+    valid = rollout.valid
+    kl_c_exact = exact_kl.detach()[valid].mean().item() if valid.any() else 0.0  # beside kl_c, whichever is used
+    metrics = {**stats, "kl_c_exact": kl_c_exact, "grad_norm": grad_norm, **timings,
                "R_d": R_d.mean().item(), "R_c": R_c[rollout.valid].mean().item() if rollout.valid.any() else 0.0,
                "F_hat_abs": F_hat.abs().mean().item(), "Delta_hat_abs": Delta_hat.abs().mean().item(),
                "log_std": rollout.log_std[rollout.valid].mean().item() if rollout.valid.any() else 0.0}
@@ -255,6 +261,8 @@ def main(argv=None):
     cfg = apply_overrides(RFTConfig(), sys.argv[1:] if argv is None else argv)
     if cfg.algo not in ("hygrpo", "grpo"):
         raise SystemExit(f"--algo must be hygrpo or grpo, got {cfg.algo!r}")
+    if cfg.pose_kl not in ("k3", "exact"):
+        raise SystemExit(f"--pose_kl must be k3 or exact, got {cfg.pose_kl!r}")
     weights = rewards.parse_weights(cfg.rewards)
     rank, world_size, device = setup_distributed(cfg.device)
     master = rank == 0

@@ -285,3 +285,23 @@ def test_bandit_hygrpo_reaches_optimum_grpo_leaves_pose_alone():
     probs, mu, log_std, _ = _run_bandit(discrete_only=True)
     assert probs[0] > 0.99
     assert torch.equal(mu, torch.zeros(2)) and torch.equal(log_std, torch.zeros(2))
+
+
+def test_given_pose_kl_replaces_k3():
+    """pose_kl= (the exact Gaussian KL of train_rft.py --pose_kl=exact) is averaged over the V valid
+    candidates in place of k3, with gradient beta / V on each valid entry and none on the invalid one
+    (which holds NaN) or, through the KL, on the pose log-densities."""
+    logp, old_logp, mask, _, pose_logp, old_pose_logp, _, valid = _batch()
+    ref_pose_logp = torch.tensor([-2.5, NAN, -4.6])
+    pose_kl = torch.tensor([0.3, NAN, 1.1], requires_grad=True)
+    zero, beta = torch.zeros(3), 0.1
+    loss, stats = hygrpo_loss(logp, old_logp, old_logp, mask, zero, pose_logp, old_pose_logp,
+                              ref_pose_logp, zero, valid, beta=beta, pose_kl=pose_kl)
+    assert torch.allclose(loss, torch.tensor(beta * (0.3 + 1.1) / 2))  # kl_d = 0: ref = old = current
+    assert stats["kl_c"] == pytest.approx(0.7)
+    loss.backward()
+    assert torch.allclose(pose_kl.grad, torch.tensor([beta / 2, 0.0, beta / 2]))
+    assert torch.equal(pose_logp.grad, torch.zeros(3))
+    with pytest.raises(ValueError, match="pose_kl must be"):
+        hygrpo_loss(logp, old_logp, old_logp, mask, zero, pose_logp, old_pose_logp, ref_pose_logp, zero, valid,
+                    pose_kl=torch.zeros(2))

@@ -4,12 +4,13 @@ These run the real scripts on a very small tiny-preset model (a few training ste
 plumbing (gradient averaging, checkpoint state, RNG and data position), not the learning."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import train_rft
 import train_sft
@@ -142,3 +143,24 @@ def test_retrievers_train_on_posescript_captions(tmp_path):
     expected = data.body_frame_joints(smpl.SMPL()(pose[:, 1:], global_orient=pose[:, 0]).joints)
     assert torch.allclose(joints, expected, atol=1e-6)
     assert joints[:, 0].abs().max() < 1e-6  # pelvis at the origin
+
+
+def test_rft_exact_pose_kl(sft_dir, tmp_path):
+    """--pose_kl=exact puts the closed-form Gaussian KL (logged as kl_c_exact every step) into the loss as
+    the pose KL; a large lr moves the policy off pi_ref so the KL is not trivially zero."""
+    prone = tmp_path / "sft"  # the few-step SFT model seldom says <POSE>: raise its output row's logit
+    shutil.copytree(sft_dir, prone)
+    tensors = _trained_tensors(prone)
+    lm = "llava.language_model."
+    tensors[lm + "lm_head.new_row"] = tensors[lm + "lm_head.weight"].mean(0) + 3 * tensors[lm + "model.norm.weight"]
+    save_file(tensors, str(prone / "checkpoint" / "model.safetensors"))
+    out = str(tmp_path / "exact")
+    train_rft.main(SMALL + [f"--sft_dir={prone}", f"--out_dir={out}", "--max_steps=4", "--num_threads=1",
+                            "--pose_kl=exact", "--lr=1e-2", "--warmup_steps=1", "--G=4"])
+    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    moved = [r for r in rows if r["V_over_N"] > 0 and r["kl_c_exact"] > 0]
+    assert moved, rows
+    for r in moved:
+        assert r["kl_c"] == pytest.approx(r["kl_c_exact"], rel=1e-4)
+    with pytest.raises(SystemExit, match="--pose_kl"):
+        train_rft.main([f"--sft_dir={sft_dir}", f"--out_dir={out}", "--pose_kl=k2"])
