@@ -2105,10 +2105,9 @@ class PoseLLaVAConfig:
             # unchanged); without them, the published 7B / ViT-H ones (the weightless `meta` dry run).
             llava_path, pose_path = overrides.get("llava_path"), overrides.get("pose_encoder_path")
             llava = read_llava_config(llava_path) if llava_path else LlavaConfig.from_dict(LLAVA_15_7B_CONFIG)
-            pose_vit = overrides.pop("pose_vit", None)
-            if isinstance(pose_vit, dict) or pose_vit is None:
-                pose_vit = (read_pose_vit_config(pose_path, **(pose_vit or {})) if pose_path
-                            else PoseViTConfig(**(pose_vit or {})))
+            pose_vit = overrides.pop("pose_vit", None) or {}  # a PoseViTConfig, or fields to set
+            if not isinstance(pose_vit, PoseViTConfig):
+                pose_vit = read_pose_vit_config(pose_path, **pose_vit) if pose_path else PoseViTConfig(**pose_vit)
             config = cls(preset=name, llava=llava, pose_vit=pose_vit, pose_token_id=32002, **overrides)
             if tokenizer is not None:
                 ids = _token_ids(tokenizer)

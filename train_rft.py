@@ -46,7 +46,7 @@ import rewards
 import smpl
 import train_sft
 from train_sft import (all_reduce_mean_, append_jsonl, apply_overrides, average_gradients,
-                       build_body_model, lr_at, pose_joints, pose_targets, print0, setup_distributed, to_device)
+                       build_body_model, lr_at, pose_joints, print0, setup_distributed, to_device)
 
 
 @dataclass
@@ -117,7 +117,7 @@ def candidates_of(rollout, batch, tokenizer, body_model, G):
     R = smpl.rot6d_to_matrix(rollout.pose.view(N, 24, 6))  # (N, 24, 3, 3)
     joints = pose_joints(body_model, rollout.pose)  # (N, 24, 3)
     has_gt = batch["has_pose"].repeat_interleave(G)  # (N,)
-    gt_pose = pose_targets(batch["pose"]).repeat_interleave(G, dim=0)  # (N, 144)
+    gt_pose = M.pose_to_rot6d(batch["pose"]).repeat_interleave(G, dim=0)  # (N, 144)
     gt_joints = pose_joints(body_model, gt_pose)  # (N, 24, 3) same body model as the prediction
     rep = lambda xs: [x for x in xs for _ in range(G)]  # noqa: E731  per prompt -> per candidate
     return rewards.Candidates(task=rep(batch["task"]), text=texts, valid=rollout.valid, pose=R, joints=joints,
@@ -169,12 +169,13 @@ def hygrpo_step(policy, opt, params, batch, cfg, ctx, weights, body_model, token
         opt.step()
     timings["t_update"] = time.time() - t0
 
-    valid = rollout.valid
-    kl_c_exact = exact_kl.detach()[valid].mean().item() if valid.any() else 0.0  # beside kl_c, whichever is used
-    metrics = {**stats, "kl_c_exact": kl_c_exact, "grad_norm": grad_norm, **timings,
-               "R_d": R_d.mean().item(), "R_c": R_c[rollout.valid].mean().item() if rollout.valid.any() else 0.0,
+    def valid_mean(x):  # mean over the candidates with a pose (V); 0 when there are none
+        return x.detach()[rollout.valid].mean().item() if rollout.valid.any() else 0.0
+
+    metrics = {**stats, "kl_c_exact": valid_mean(exact_kl),  # beside kl_c, whichever KL the loss used
+               "grad_norm": grad_norm, **timings, "R_d": R_d.mean().item(), "R_c": valid_mean(R_c),
                "F_hat_abs": F_hat.abs().mean().item(), "Delta_hat_abs": Delta_hat.abs().mean().item(),
-               "log_std": rollout.log_std[rollout.valid].mean().item() if rollout.valid.any() else 0.0}
+               "log_std": valid_mean(rollout.log_std)}
     means = rewards.reward_means(cands, per_reward)  # {"name/task": mean over the candidates it scored}
     for name in sorted(n for n, w in weights.items() if w > 0):  # the same keys on every rank (all_reduce)
         for task in rewards.REWARDS[name].tasks:

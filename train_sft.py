@@ -194,9 +194,6 @@ def load_train_state(out_dir):
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-pose_targets = M.pose_to_rot6d  # ground-truth pose as the head's 144 numbers: axis-angle (B, 24, 3) -> (B, 144)
-
-
 def pose_joints(body_model, p):
     """SMPL joints of rot6d poses p (B, 144) -> (B, 24, 3), joints-only (no mesh)."""
     R = M.pose_to_matrices(p)  # (B, 24, 3, 3)
@@ -304,7 +301,7 @@ def sft_loss(policy, body_model, batch, cfg):
     rows = batch["has_pose"] & out.found  # (B,) pose tasks whose answer holds <POSE>
     zero = ce.new_zeros(())
     if rows.any():
-        p_gt = pose_targets(batch["pose"][rows])  # (n, 144)
+        p_gt = M.pose_to_rot6d(batch["pose"][rows])  # (n, 144) the GT pose as the head's rot6d numbers
         mu, log_std = out.pose.mu[rows], out.pose.log_std[rows]  # (n, 144) each
         nll = -hygrpo.gaussian_log_prob(p_gt, mu, log_std).mean()  # Eq. 2 likelihood of the GT pose
         J_pred = pose_joints(body_model, mu)  # (n, 24, 3)
