@@ -51,11 +51,15 @@ Where this code departs from the paper, or chooses where the paper leaves a choi
    (DeepSeekMath's GRPO setting); the paper gives neither value.
 9. `discrete_only=True` is the plain-GRPO baseline of Fig. 4: the continuous surrogate and its KL are
    left out of the loss, so the pose head gets no policy gradient (its stats are still reported).
-10. Log-ratios (to the old policy in r_d and r_c, to the reference in k3) are clamped to +-20
-   before exp(), as verl does for its ratios. Inside that range nothing changes; outside it the term is frozen
-   (zero gradient) instead of overflowing float32 into inf and then NaN. A sample whose ratio
-   passes e^20 = 5e8 is far outside the clip range; with a negative advantage the unclipped PPO
-   term would still push on it, and here it does not.
+10. Log-ratios to the old policy (in r_d and r_c) are clamped to +-20 before exp(), as verl does for
+   its ratios. Inside that range nothing changes; outside it the term is frozen (zero gradient)
+   instead of overflowing float32 into inf and then NaN. A sample whose ratio passes e^20 = 5e8 is
+   far outside the clip range; with a negative advantage the unclipped PPO term would still push on
+   it, and here it does not. In k3 the log-ratio d = ref - logp is clamped from above only: only
+   d > 0 can overflow exp(), and for d < 0 k3 = e^d - d - 1 is finite and nearly linear. (An earlier
+   version clamped both sides; the lower clamp froze the pose KL at 19 with zero gradient once the
+   policy's log-density at its own sample exceeded the reference's by 20 nats, which a 144-d
+   Gaussian with std 0.07 reaches after a mean shift of a few degrees.)
 11. The functions return a loss to MINIMISE: the negative of Eq. 6.
 12. An option beyond the paper: `pose_kl=` replaces the pose part of the KL by a value the caller
    computes, meant for the closed-form KL between the current and reference Gaussians (gaussian_kl;
@@ -157,10 +161,13 @@ def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor, max_log_ratio: float = MAX
     """The k3 estimator of KL(pi_theta || pi_ref) at a sample: exp(ref - logp) - (ref - logp) - 1.
 
     Elementwise; unbiased when the sample comes from pi_theta, and never negative. The log-ratio
-    ref - logp is clamped to +-max_log_ratio first (note 10): exact inside that range, frozen
-    (zero gradient) outside, so one wild sample cannot make exp() overflow into an inf or NaN loss.
+    ref - logp is clamped from ABOVE only, at max_log_ratio (note 10): only d > 0 can overflow exp(),
+    so one wild sample cannot make an inf or NaN loss. Below, k3 = e^d - d - 1 is about -d - 1 and
+    stays exact, with gradient dk3/dlogp = 1 - e^d -> 1: the further the policy's log-density at its
+    own sample rises above the reference's, the harder the KL pulls back. (A lower clamp at -20 froze
+    the pose KL at 19, gradient 0, after a mean shift of a few degrees in 144 dimensions.)
     """
-    d = (ref_logp - logp).clamp(-max_log_ratio, max_log_ratio)  # (...)
+    d = (ref_logp - logp).clamp(max=max_log_ratio)  # (...)
     return torch.exp(d) - d - 1  # (...)
 
 

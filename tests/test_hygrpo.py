@@ -90,6 +90,23 @@ def test_kl_k3_by_hand_and_unbiased():
     assert abs(k3.mean() - gaussian_kl(mu_p, ls_p, mu_q, ls_q)) < 5e-3
 
 
+def test_kl_k3_keeps_pulling_when_the_policy_outgrows_the_reference():
+    """Catches a lower clamp on d = ref - logp. Only d > 0 can overflow exp(); when the policy's
+    log-density at its own sample exceeds the reference's by more than 20 nats (d < -20, reached after a
+    mean shift of a few degrees in 144 dimensions), k3 must stay exact, e^d - d - 1, with gradient
+    dk3/dlogp = 1 - e^d, not freeze at 19 with zero gradient."""
+    logp = torch.tensor([30.0, 200.0, 5.0], requires_grad=True)
+    ref = torch.tensor([0.0, 0.0, 5.0 + 100.0])  # d = -30, -200, +100
+    k3 = kl_k3(logp, ref)
+    d = torch.tensor([-30.0, -200.0])
+    assert torch.allclose(k3[:2], d.exp() - d - 1)  # 29 and 199, not 19 and 19
+    assert torch.isfinite(k3).all()  # d = +100 is clamped at 20: e^20 - 21, no overflow
+    assert torch.allclose(k3[2], torch.tensor(math.exp(20.0) - 21.0))
+    k3.sum().backward()
+    assert torch.allclose(logp.grad[:2], 1 - d.exp())  # ~1: the KL pulls the policy back
+    assert logp.grad[2] == 0  # frozen above the clamp
+
+
 # ---- hygrpo_loss (Eq. 6) -------------------------------------------------------------------------------
 
 
