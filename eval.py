@@ -93,16 +93,22 @@ def _similarity(text_emb: torch.Tensor, pose_emb: torch.Tensor, fn: str) -> torc
     return t @ p.T  # (N, N)
 
 
-def _recalls(rank_t2p: torch.Tensor, rank_p2t: torch.Tensor, ks) -> dict:
-    """Percent of queries whose ground truth ranks within the top k, for each k and both directions."""
+def _recall_hits(rank_t2p: torch.Tensor, rank_p2t: torch.Tensor, ks) -> dict:
+    """Per query, 100 if its ground truth ranks within the top k, else 0: {"t2p@k": (N,), "p2t@k": (N,)}."""
     out = {}
     for k in ks:
-        out[f"t2p@{k}"] = 100.0 * float((rank_t2p <= k).double().mean())
-        out[f"p2t@{k}"] = 100.0 * float((rank_p2t <= k).double().mean())
+        out[f"t2p@{k}"] = 100.0 * (rank_t2p <= k).double()
+        out[f"p2t@{k}"] = 100.0 * (rank_p2t <= k).double()
     return out
 
 
-def recall_at_k(text_emb: torch.Tensor, pose_emb: torch.Tensor, ks: Sequence[int] = (5, 10, 20)) -> dict:
+def _recalls(rank_t2p: torch.Tensor, rank_p2t: torch.Tensor, ks) -> dict:
+    """Percent of queries whose ground truth ranks within the top k, for each k and both directions."""
+    return {key: float(hits.mean()) for key, hits in _recall_hits(rank_t2p, rank_p2t, ks).items()}
+
+
+def recall_at_k(text_emb: torch.Tensor, pose_emb: torch.Tensor, ks: Sequence[int] = (5, 10, 20),
+                per_query: bool = False) -> dict:
     """Recall@K with full retrieval, the protocol of PoseScript (Delmas et al., 2022) and of the left
     half of Table 2: each query is ranked against ALL N candidates of the other modality.
 
@@ -110,18 +116,19 @@ def recall_at_k(text_emb: torch.Tensor, pose_emb: torch.Tensor, ks: Sequence[int
     embeddings. Rank of a query's ground truth = 1 + the number of OTHER candidates scoring at least as
     high, so ties count against the query (a pessimistic convention). This matters for generated poses:
     a collapsed policy that gives every caption the same pose makes all candidates tie, and must score
-    at chance or below, not 100%. Returns {"t2p@5": ..., "p2t@5": ..., ...} in percent.
+    at chance or below, not 100%. Returns {"t2p@5": ..., "p2t@5": ..., ...} in percent; with
+    per_query=True, each query's hit (100 or 0) instead, (N,) tensors, for paired standard errors.
     """
     S = _similarity(text_emb, pose_emb, "recall_at_k")  # (N, N) S[i, j] = cos(text i, pose j)
     gt = S.diagonal()  # (N,)
     rank_t2p = (S >= gt[:, None]).sum(1)  # (N,) text i ranks the N poses; counts itself, so >= 1
     rank_p2t = (S >= gt[None, :]).sum(0)  # (N,) pose j ranks the N texts (column j)
-    return _recalls(rank_t2p, rank_p2t, ks)
+    return (_recall_hits if per_query else _recalls)(rank_t2p, rank_p2t, ks)
 
 
 def recall_at_k_sampled(text_emb: torch.Tensor, pose_emb: torch.Tensor, ks: Sequence[int] = (5, 10, 20),
                         n_candidates: int = 32, repeats: int = 10,
-                        generator: torch.Generator | None = None) -> dict:
+                        generator: torch.Generator | None = None, per_query: bool = False) -> dict:
     """Recall@K with random sampling, the protocol of the right half of Table 2, which ChatPose
     (Feng et al., 2024) and UniPose (Li et al., 2025c) report: each query is ranked against its
     ground truth plus n_candidates - 1 = 31 other candidates drawn at random, and the recalls are
@@ -133,7 +140,8 @@ def recall_at_k_sampled(text_emb: torch.Tensor, pose_emb: torch.Tensor, ks: Sequ
     n_candidates - 1 smallest entries are query i's distractors (a uniform random subset of the
     other N - 1 indices, without repetition). The same index set serves text i (ranking poses) and
     pose i (ranking texts). Ranks and ties as in `recall_at_k`. Memory: one N x N matrix.
-    Returns {"t2p@5": ..., "p2t@5": ..., ...} in percent.
+    Returns {"t2p@5": ..., "p2t@5": ..., ...} in percent; with per_query=True, each query's hit rate
+    over the repeats, (N,) tensors.
     """
     S = _similarity(text_emb, pose_emb, "recall_at_k_sampled")  # (N, N)
     N = S.shape[0]
@@ -149,9 +157,54 @@ def recall_at_k_sampled(text_emb: torch.Tensor, pose_emb: torch.Tensor, ks: Sequ
         others = keys.topk(n_candidates - 1, dim=1, largest=False).indices  # (N, n-1)
         rank_t2p = (S[rows, others] >= gt[:, None]).sum(1) + 1  # (N,) S[i, others[i]]: poses for text i
         rank_p2t = (S[others, rows] >= gt[:, None]).sum(1) + 1  # (N,) S[others[j], j]: texts for pose j
-        for key, value in _recalls(rank_t2p, rank_p2t, ks).items():
-            totals[key] = totals.get(key, 0.0) + value / repeats
-    return totals
+        for key, value in _recall_hits(rank_t2p, rank_p2t, ks).items():
+            totals[key] = totals.get(key, 0.0) + value / repeats  # (N,)
+    return totals if per_query else {key: float(hits.mean()) for key, hits in totals.items()}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Statistics for honest tables: paired standard errors and rank agreement
+
+
+def paired_change(before: torch.Tensor, after: torch.Tensor) -> tuple[float, float]:
+    """Mean change and its standard error over the SAME test items, (n,) x2 -> (mean, se).
+
+    se = std(after - before) / sqrt(n) with the sample std: the pairing removes the spread between
+    items, which is much larger than the effect of one training stage (an unpaired error would hide it)."""
+    if before.shape != after.shape or before.dim() != 1:
+        raise ValueError(f"paired_change expects two (n,) tensors of per-item values, got "
+                         f"{tuple(before.shape)} and {tuple(after.shape)}")
+    d = (after.double() - before.double())  # (n,)
+    se = d.std(unbiased=True).item() / len(d) ** 0.5 if len(d) > 1 else float("nan")
+    return d.mean().item(), se
+
+
+def _average_ranks(x: torch.Tensor) -> torch.Tensor:
+    """Ranks 1..G of each row (P, G), ties sharing their average rank (Spearman's convention)."""
+    less = (x[:, None, :] < x[:, :, None]).sum(-1).double()  # (P, G) how many are smaller
+    equal = (x[:, None, :] == x[:, :, None]).sum(-1).double()  # (P, G) how many tie, itself included
+    return less + (equal + 1) / 2  # (P, G)
+
+
+def group_rank_correlation(a: torch.Tensor, b: torch.Tensor, G: int) -> tuple[float, int]:
+    """Spearman's rank correlation between two scores of the same candidates within each group of G
+    (one prompt's candidates), averaged over the groups where both scores vary. (N,) x2 -> (mean, groups).
+
+    This is how well one reward ranks a prompt's candidates the way another does: HyGRPO only ever uses
+    a reward through its ranks and gaps inside a group (Eq. 16), so this, not a global correlation, says
+    whether optimising the learned semantic reward (Eq. 8) improves what the exact checker measures.
+    Returns (nan, 0) when no group has variation in both."""
+    if a.shape != b.shape or a.dim() != 1 or a.numel() % G:
+        raise ValueError(f"group_rank_correlation expects two (P * G,) tensors with G={G}, got "
+                         f"{tuple(a.shape)} and {tuple(b.shape)}")
+    ra, rb = _average_ranks(a.view(-1, G).double()), _average_ranks(b.view(-1, G).double())  # (P, G)
+    ra, rb = ra - ra.mean(1, keepdim=True), rb - rb.mean(1, keepdim=True)  # (P, G)
+    denom = (ra.square().sum(1) * rb.square().sum(1)).sqrt()  # (P,)
+    varies = denom > 0  # (P,)
+    if not varies.any():
+        return float("nan"), 0
+    rho = (ra * rb).sum(1)[varies] / denom[varies]  # (p,)
+    return rho.mean().item(), int(varies.sum())
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -177,18 +230,40 @@ def _mean_poses(policy, samples, tokenizer, device, max_new_tokens=32):
     return texts, mu, rollout.valid
 
 
+def mean_pose(poses: torch.Tensor) -> torch.Tensor:
+    """The average pose of a set, as the head's rot6d numbers: the mean of each joint's rot6d over the
+    set, made a rotation again by Gram-Schmidt (model.py's rot6d convention). (n, 24, 3) axis-angle
+    -> (144,). What a model that ignores its input would best answer: the trivial baseline."""
+    import smpl
+    R = smpl.axis_angle_to_matrix(poses.double())  # (n, 24, 3, 3)
+    six = R[..., :2].transpose(-1, -2).reshape(len(poses), 24, 6).mean(0)  # (24, 6) first two columns
+    R_mean = smpl.rot6d_to_matrix(six)  # (24, 3, 3)
+    return R_mean[..., :2].transpose(-1, -2).reshape(144).float()  # (144,)
+
+
 @torch.no_grad()
 def evaluate(policy, tokenizer, dataset, body_model, retrievers: dict, embedder, limit: int | None = None,
-             batch_size: int = 64, device="cpu", progress: bool = True, seed: int = 0) -> dict:
-    """All metrics of a policy on a PoseWorld split (the first `limit` samples, a third per task).
+             batch_size: int = 64, device="cpu", progress: bool = True, seed: int = 0,
+             baseline_poses: dict | None = None, agreement_prompts: int = 0, G: int = 8) -> dict:
+    """All metrics of a policy on a PoseWorld split (the first `limit` samples; all of them by default).
 
     retrievers: {"eval": ..., "reward": ...} text-pose retrieval models (rewards.PoseTextRetriever); the
     "eval" one never gave a reward (trained on the other half of the captions), so it is the honest judge.
     embedder: the text embedder of the text reward (Eq. 10), reused for the VQA answer similarity.
-    Returns a flat dict of floats (errors in mm, recalls and rates in percent) plus sample counts.
+    baseline_poses: {"i2p": (n, 24, 3), "t2p": (n, 24, 3)} training poses (axis-angle) of each task; their
+    average pose (mean_pose) is scored like an answer, as `i2p_mean_pose_mpjpe_mm` and
+    `t2p_mean_pose_posecode_acc`: the trivial baselines a policy must beat.
+    agreement_prompts: for this many text-to-pose prompts, G poses are SAMPLED from the policy (as RFT
+    does) and each retriever's cosine is compared with the exact posecode check by the rank correlation
+    within each prompt's G (group_rank_correlation): `t2p_agree_{name}`, how far the semantic reward
+    (Eq. 8) points where the checker does. 0 (the default) skips it.
+    Returns a flat dict of floats (errors in mm, recalls and rates in percent) plus sample counts, and
+    "items": {metric: per-item values (list)} so two evaluations of the same items can be paired
+    (paired_change, format_comparison).
     """
     import data
     import rewards
+    import smpl
     import train_sft
     from tqdm import tqdm
     n = len(dataset) if limit is None else min(limit, len(dataset))
@@ -204,17 +279,25 @@ def evaluate(policy, tokenizer, dataset, body_model, retrievers: dict, embedder,
     joints = train_sft.pose_joints(body_model, mu).cpu()  # (n, 24, 3)
     task = [data.TASKS[int(t)] for t in dataset.task_id[:n]]
     out = {"n": n}
+    items = {}
     pose_rows = [i for i in idx if task[i] in ("t2p", "i2p")]
     fmt = rewards.format_reward([texts[i] for i in pose_rows]) if pose_rows else torch.zeros(0)  # (m,)
     out["format_rate"] = 100 * fmt.mean().item() if pose_rows else float("nan")
+    items["format_rate"] = (100 * fmt).tolist()
+
+    def baseline_joints(name, m):  # (m, 24, 3) the average training pose of a task, m times
+        six = mean_pose(baseline_poses[name]).to(device).expand(m, 144)  # (m, 144)
+        return train_sft.pose_joints(body_model, six).cpu()
 
     # image-to-pose: MPJPE / PA-MPJPE against the ground truth of the same (built-in) body model
     i2p = [i for i in idx if task[i] == "i2p"]
     if i2p:
         gt = dataset.joints[i2p]  # (m, 24, 3) camera frame, like the prediction
         out["i2p_n"] = len(i2p)
-        out["i2p_mpjpe_mm"] = 1000 * mpjpe(joints[i2p], gt).mean().item()
-        out["i2p_pa_mpjpe_mm"] = 1000 * pa_mpjpe(joints[i2p], gt).mean().item()
+        items["i2p_mpjpe_mm"] = (1000 * mpjpe(joints[i2p], gt)).tolist()
+        items["i2p_pa_mpjpe_mm"] = (1000 * pa_mpjpe(joints[i2p], gt)).tolist()
+        if baseline_poses is not None:
+            out["i2p_mean_pose_mpjpe_mm"] = 1000 * mpjpe(baseline_joints("i2p", len(i2p)), gt).mean().item()
 
     # text-to-pose: R@K of (caption, generated pose) pairs under both protocols, both retrievers, and
     # PoseWorld's exact posecode accuracy (no learned model involved)
@@ -226,22 +309,54 @@ def evaluate(policy, tokenizer, dataset, body_model, retrievers: dict, embedder,
         for name, retriever in retrievers.items():
             text_emb = retriever.encode_text(captions).cpu()  # (m, d)
             pose_emb = retriever.encode_pose(body).cpu()  # (m, d)
-            for k, v in recall_at_k(text_emb, pose_emb).items():
-                out[f"t2p_full_{name}_{k}"] = v
+            for k, v in recall_at_k(text_emb, pose_emb, per_query=True).items():
+                items[f"t2p_full_{name}_{k}"] = v.tolist()
             if len(t2p) >= 32:  # the protocol draws 31 distractors per query
                 g = torch.Generator().manual_seed(seed)
-                for k, v in recall_at_k_sampled(text_emb, pose_emb, generator=g).items():
-                    out[f"t2p_sampled_{name}_{k}"] = v
+                for k, v in recall_at_k_sampled(text_emb, pose_emb, generator=g, per_query=True).items():
+                    items[f"t2p_sampled_{name}_{k}"] = v.tolist()
         acc = data.check_posecodes(joints[t2p], dataset.codes[t2p], dataset.mentioned[t2p])  # (m,)
-        out["t2p_posecode_acc"] = 100 * acc.mean().item()
+        items["t2p_posecode_acc"] = (100 * acc).tolist()
+        if baseline_poses is not None:
+            base = data.check_posecodes(baseline_joints("t2p", len(t2p)), dataset.codes[t2p],
+                                        dataset.mentioned[t2p])  # (m,)
+            out["t2p_mean_pose_posecode_acc"] = 100 * base.mean().item()
+        if agreement_prompts > 0:
+            out.update(_agreement(policy, tokenizer, dataset, t2p[:agreement_prompts], body_model, retrievers,
+                                  G, device, seed))
 
     # VQA: the text reward's similarity (Eq. 10) between the answer and the reference, and exact match
     vqa = [i for i in idx if task[i] == "vqa"]
     if vqa:
         preds, refs = [texts[i] for i in vqa], [dataset.answers[i] for i in vqa]
         out["vqa_n"] = len(vqa)
-        out["vqa_text_sim"] = 100 * rewards.text_similarity(embedder, preds, refs).mean().item()
-        out["vqa_exact"] = 100 * sum(p.strip() == r.strip() for p, r in zip(preds, refs)) / len(vqa)
+        items["vqa_text_sim"] = (100 * rewards.text_similarity(embedder, preds, refs)).tolist()
+        items["vqa_exact"] = [100.0 * (p.strip() == r.strip()) for p, r in zip(preds, refs)]
+    for key, values in items.items():
+        out[key] = sum(values) / len(values) if values else float("nan")
+    out["items"] = items
+    return out
+
+
+def _agreement(policy, tokenizer, dataset, rows, body_model, retrievers, G, device, seed) -> dict:
+    """Rank agreement between each retriever's cosine and the exact posecode check over G sampled poses
+    per text-to-pose prompt (see `evaluate`)."""
+    import data
+    import model as M
+    import rewards
+    import train_sft
+    samples = [dataset[i] for i in rows]
+    batch = train_sft.to_device(train_sft.collate_fn(tokenizer, policy, True)(samples), device)
+    g = torch.Generator(device=device).manual_seed(seed)
+    rollout = M.sample_policy(policy, batch, G, 24, temperature=1.0, generator=g)  # N = len(rows) * G
+    joints = train_sft.pose_joints(body_model, rollout.pose).cpu()  # (N, 24, 3)
+    rep = lambda t: t.repeat_interleave(G, dim=0)  # noqa: E731  per prompt -> per candidate
+    check = data.check_posecodes(joints, rep(dataset.codes[rows]), rep(dataset.mentioned[rows]))  # (N,)
+    captions = [s["caption"] for s in samples for _ in range(G)]
+    out = {}
+    for name, retriever in retrievers.items():
+        cos = rewards.semantic_reward(retriever, captions, joints)  # (N,) Eq. 8 with this retriever
+        out[f"t2p_agree_{name}"], _ = group_rank_correlation(cos, check, G)
     return out
 
 
@@ -303,6 +418,8 @@ for _proto in ("full", "sampled"):
             _ROWS.append((f"t2p_{_proto}_{_ret}_{_dir}@", f"Text-to-pose R^{_dir.upper()} @5/10/20, "
                           f"{_proto} retrieval, {_ret} retriever", False))
 _ROWS += [("t2p_posecode_acc", "Text-to-pose posecode accuracy (%)", False),
+          ("t2p_agree_reward", "Rank agreement of the reward retriever with the checker (Spearman x100)", False),
+          ("t2p_agree_eval", "Rank agreement of the eval retriever with the checker (Spearman x100)", False),
           ("vqa_text_sim", "VQA answer similarity (text reward's E, x100)", False),
           ("vqa_exact", "VQA exact answers (%)", False),
           ("format_rate", "Format rate, pose tasks (%)", False)]
@@ -316,29 +433,63 @@ def _cell(results, key):
     return None if v is None else [v]
 
 
+_BASELINES = [("i2p_mean_pose_mpjpe_mm", "Image-to-pose MPJPE of always answering the average training pose (mm)"),
+              ("t2p_mean_pose_posecode_acc", "Posecode accuracy of always answering the average training pose (%)")]
+_SCALE = {"t2p_agree_reward": 100.0, "t2p_agree_eval": 100.0}  # shown x100 like the other columns
+
+
+def _cell(results, key):
+    keys = [f"{key}{k}" for k in (5, 10, 20)] if key.endswith("@") else [key]
+    vals = [results.get(k) for k in keys]
+    if any(v is None for v in vals):
+        return None, keys
+    return [_SCALE.get(k, 1.0) * v for k, v in zip(keys, vals)], keys
+
+
+def _change(before: dict, after: dict, key: str, scale: float) -> tuple[float, float | None]:
+    """(after - before, its paired standard error or None): paired over the test items when both
+    evaluations carry the per-item values of the same items, else the plain difference."""
+    b, a = (before.get("items") or {}).get(key), (after.get("items") or {}).get(key)
+    if b is not None and a is not None and len(a) == len(b) > 1:
+        mean, se = paired_change(torch.tensor(b), torch.tensor(a))
+        return mean * scale, se * scale
+    return (after[key] - before[key]) * scale, None
+
+
 def format_comparison(before: dict, after: dict | None = None, title: str = "") -> str:
-    """A Markdown table of the metrics, in the order of the paper's tables; with `after`, the change and
-    whether it is an improvement (an honest table: a regression is marked as such)."""
-    head = "| metric | before | after | change |\n| --- | --- | --- | --- |" if after else \
+    """A Markdown table of the metrics, in the order of the paper's tables; with `after`, the change with
+    its paired standard error over the same test items, and a verdict: "better" / "worse" only when
+    the change exceeds twice its standard error, else "within noise" (an honest table: a regression is
+    marked as such, and so is a change that noise alone could make). The trivial baselines follow."""
+    head = "| metric | before | after | change (paired s.e.) |\n| --- | --- | --- | --- |" if after else \
         "| metric | value |\n| --- | --- |"
     lines = [f"**{title}**\n" if title else "", head]
+    fmt = lambda xs: " / ".join(f"{x:.1f}" for x in xs)  # noqa: E731
     for key, label, lower_better in _ROWS:
-        b = _cell(before, key)
+        b, keys = _cell(before, key)
         if b is None:
             continue
-        fmt = lambda xs: " / ".join(f"{x:.1f}" for x in xs)  # noqa: E731
         if after is None:
             lines.append(f"| {label} | {fmt(b)} |")
             continue
-        a = _cell(after, key)
+        a, _ = _cell(after, key)
         if a is None:
             continue
-        deltas = [y - x for x, y in zip(b, a)]
-        better = [(d < 0) if lower_better else (d > 0) for d in deltas]
-        verdict = "better" if all(better) else "worse" if not any(better) and any(deltas) else "mixed"
-        if all(abs(d) < 0.05 for d in deltas):
-            verdict = "same"
-        lines.append(f"| {label} | {fmt(b)} | {fmt(a)} | {' / '.join(f'{d:+.1f}' for d in deltas)} ({verdict}) |")
+        cells, verdicts = [], []
+        for k in keys:
+            d, se = _change(before, after, k, _SCALE.get(k, 1.0))
+            cells.append(f"{d:+.1f}" + (f" ({se:.1f})" if se is not None else ""))
+            if abs(d) < 0.05:
+                verdicts.append("same")
+            elif se is not None and abs(d) <= 2 * se:
+                verdicts.append("within noise")
+            else:
+                verdicts.append("better" if (d < 0) == lower_better else "worse")
+        verdict = verdicts[0] if len(set(verdicts)) == 1 else "mixed"
+        lines.append(f"| {label} | {fmt(b)} | {fmt(a)} | {' / '.join(cells)} ({verdict}) |")
+    for key, label in _BASELINES:
+        if key in before:
+            lines.append(f"| {label} | {before[key]:.1f} |" + (" | |" if after is not None else ""))
     return "\n".join(lines)
 
 
@@ -363,6 +514,8 @@ def main(argv=None):
     p.add_argument("--retrievers", default="", help="folder holding retriever_eval/ and retriever_reward/ "
                    "(default: the checkpoint's SFT folder)")
     p.add_argument("--limit", type=int, default=None, help="first N test samples (default: all)")
+    p.add_argument("--agreement_prompts", type=int, default=96, help="test captions whose G sampled poses "
+                   "measure the retriever-checker rank agreement (0: skip)")
     p.add_argument("--split", default="test")
     p.add_argument("--out_dir", default="")
     p.add_argument("--device", default="cpu")
@@ -397,9 +550,13 @@ def main(argv=None):
         from train_rft import reference_hidden_states
         embedder = rewards.MeanPoolEmbedder(reference_hidden_states(policy), tokenizer, device=device)
     world = data.PoseWorld(args.split, seed=cfg.get("seed", 0), image_size=cfg.get("image_size", 64))
+    train = data.PoseWorld("train", size=cfg.get("poseworld_size", 6000), seed=cfg.get("seed", 0),
+                           image_size=cfg.get("image_size", 64))
+    baseline_poses = {task: train.poses[train.task_indices(task)] for task in ("i2p", "t2p")}
     # PoseWorld is made with the built-in skeleton: measure it with the same body (data.py's note)
     results = evaluate(policy, tokenizer, world, smpl.SMPL().to(device), retrievers, embedder,
-                       limit=args.limit, device=device)
+                       limit=args.limit, device=device, baseline_poses=baseline_poses,
+                       agreement_prompts=args.agreement_prompts, G=cfg.get("G", 8))
     if args.pw3d_root:
         results.update(evaluate_real_i2p(policy, tokenizer, data.ThreeDPW(args.pw3d_root, "test", images=True),
                                          body_model, "3dpw", args.limit, device=device))

@@ -768,6 +768,12 @@ class Candidates:
     question    list[str] (N,)  the user's question q
     caption     list[str|None]  the description inside q for t2p (what phi_t encodes, Eq. 8), else None
     ref_answer  list[str] (N,)  the reference answer: POSE_TEMPLATE for pose tasks, the short answer for vqa
+    codes       (N, K) long     PoseWorld only (else None): the posecodes of the prompt's reference pose
+    mentioned   (N, K) bool     PoseWorld only (else None): the codes its caption names (data.py); only
+                                the `oracle` diagnostic reads these two, no reward of the paper does
+
+    To give the rewards a new field: add it here with its shape, and fill it in train_rft.candidates_of.
+    `select` and the shape check below follow the fields by themselves.
     """
     task: list[str]
     text: list[str]
@@ -779,6 +785,8 @@ class Candidates:
     question: list[str]
     caption: list[str | None]
     ref_answer: list[str]
+    codes: torch.Tensor | None = None
+    mentioned: torch.Tensor | None = None
 
     def __post_init__(self):
         N = len(self.task)
@@ -791,6 +799,10 @@ class Candidates:
             if tuple(getattr(self, name).shape) != shape:
                 raise ValueError(f"Candidates: {name} must have shape {shape} for N={N} candidates, "
                                  f"got {tuple(getattr(self, name).shape)}")
+        for name in ("codes", "mentioned"):
+            value = getattr(self, name)
+            if value is not None and (value.dim() != 2 or value.shape[0] != N):
+                raise ValueError(f"Candidates: {name} must have shape (N={N}, K), got {tuple(value.shape)}")
         for name in ("valid", "has_gt"):
             if getattr(self, name).dtype != torch.bool:
                 raise ValueError(f"Candidates: {name} must be a bool tensor, got {getattr(self, name).dtype}")
@@ -802,14 +814,17 @@ class Candidates:
         return len(self.task)
 
     def select(self, index: torch.Tensor) -> "Candidates":
-        """The candidates at `index` (n,) long, as a new Candidates of n rows."""
+        """The candidates at `index` (n,) long, as a new Candidates of n rows (every field, lists and
+        tensors alike; a field that is None stays None)."""
         rows = index.tolist()
-        pick = lambda t: t[index.to(t.device)]  # noqa: E731
-        return Candidates(task=[self.task[i] for i in rows], text=[self.text[i] for i in rows],
-                          valid=pick(self.valid), pose=pick(self.pose), joints=pick(self.joints),
-                          gt_joints=pick(self.gt_joints), has_gt=pick(self.has_gt),
-                          question=[self.question[i] for i in rows], caption=[self.caption[i] for i in rows],
-                          ref_answer=[self.ref_answer[i] for i in rows])
+
+        def pick(value):
+            if value is None:
+                return None
+            if isinstance(value, torch.Tensor):
+                return value[index.to(value.device)]
+            return [value[i] for i in rows]
+        return Candidates(**{f.name: pick(getattr(self, f.name)) for f in fields(self)})
 
 
 @dataclass
@@ -1064,6 +1079,21 @@ def r_text(c: Candidates, ctx: RewardContext) -> torch.Tensor:
     embedder = _need(ctx.embedder, "a text embedder (ctx.embedder: BGEM3TextEmbedder or MeanPoolEmbedder)",
                      "text")
     return text_similarity(embedder, c.text, c.ref_answer)  # (n,)
+
+
+# A diagnostic, NOT part of the paper: PoseWorld's exact checker as the text-to-pose reward. It is the
+# upper bound a learned semantic reward (Eq. 8) can reach, and shows whether RFT itself works when the
+# reward is right. Try `--rewards=joint:1,oracle:1,format:1,text:1` (class exercise in the README).
+@register_reward("oracle", kind="continuous", tasks=("t2p",))
+def r_oracle(c: Candidates, ctx: RewardContext) -> torch.Tensor:
+    """The share of the caption's posecodes that p_i satisfies (data.check_posecodes), in [0, 1]."""
+    codes = _need(c.codes, "the prompts' posecodes (Candidates.codes: PoseWorld only)", "oracle")
+    mentioned = _need(c.mentioned, "the caption's codes (Candidates.mentioned: PoseWorld only)", "oracle")
+    joints = c.joints.detach().float().cpu()  # (n, 24, 3)
+    ok = torch.isfinite(joints).all(-1).all(-1)  # (n,) a broken pose scores 0, the lowest
+    safe = torch.where(ok[:, None, None], joints, torch.zeros_like(joints))  # (n, 24, 3)
+    acc = data.check_posecodes(safe, codes.cpu(), mentioned.cpu())  # (n,)
+    return torch.where(ok, acc, torch.zeros_like(acc)).to(c.valid.device)  # (n,)
 
 
 DEFAULT_WEIGHTS = "joint:1,semantic:1,format:1,text:1"  # the paper's four rewards (it gives no weights)

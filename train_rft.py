@@ -98,7 +98,8 @@ class RFTConfig:
     bge_path: str = ""                # BAAI/bge-m3 folder for the text reward; empty = built-in stand-in
     # evaluation, figures, checkpoints
     eval: bool = True                 # evaluate pi_init before and the policy after, print the table
-    eval_size: int = 600              # PoseWorld test samples in the before/after table (a third per task)
+    eval_size: int = 0                # PoseWorld test samples in the before/after table; 0 = the whole split
+    agreement_prompts: int = 96       # test captions whose G sampled poses measure retriever-checker agreement
     save_every: int = 25
     stop_after: int = 0               # stop after this many steps of this invocation (saved; --resume goes on)
     gallery_every: int = 25           # a pose gallery and the reward curves every N steps
@@ -123,7 +124,17 @@ def candidates_of(rollout, batch, tokenizer, body_model, G):
     return rewards.Candidates(task=rep(batch["task"]), text=texts, valid=rollout.valid, pose=R, joints=joints,
                               gt_joints=gt_joints, has_gt=has_gt, question=rep(batch["question"]),
                               caption=rep(batch.get("caption") or [None] * len(batch["task"])),
-                              ref_answer=rep(batch["answer"]))
+                              ref_answer=rep(batch["answer"]), **posecodes_of(batch, G))
+
+
+def posecodes_of(batch, G):
+    """PoseWorld's reference posecodes and the caption's codes, per candidate (for the `oracle`
+    diagnostic); {} for data sets that have none."""
+    if not isinstance(batch.get("codes"), list) or not all(torch.is_tensor(x) for x in batch["codes"]):
+        return {}
+    codes = torch.stack(batch["codes"]).repeat_interleave(G, dim=0)  # (N, K)
+    mentioned = torch.stack(batch["mentioned"]).repeat_interleave(G, dim=0)  # (N, K)
+    return {"codes": codes, "mentioned": mentioned}
 
 
 def hygrpo_step(policy, opt, params, batch, cfg, ctx, weights, body_model, tokenizer, generator, world_size):
@@ -176,11 +187,30 @@ def hygrpo_step(policy, opt, params, batch, cfg, ctx, weights, body_model, token
                "grad_norm": grad_norm, **timings, "R_d": R_d.mean().item(), "R_c": valid_mean(R_c),
                "F_hat_abs": F_hat.abs().mean().item(), "Delta_hat_abs": Delta_hat.abs().mean().item(),
                "log_std": valid_mean(rollout.log_std)}
+    metrics["agree_semantic_checker"] = semantic_checker_agreement(cands, per_reward, G)
     means = rewards.reward_means(cands, per_reward)  # {"name/task": mean over the candidates it scored}
     for name in sorted(n for n, w in weights.items() if w > 0):  # the same keys on every rank (all_reduce)
         for task in rewards.REWARDS[name].tasks:
             metrics[f"reward/{name}/{task}"] = means.get(f"{name}/{task}", float("nan"))  # NaN: no such prompt
     return metrics
+
+
+def semantic_checker_agreement(cands, per_reward, G):
+    """How well the semantic reward (Eq. 8) ranks each text-to-pose prompt's G candidates the way
+    PoseWorld's exact checker does: Spearman's rank correlation within the group, averaged over the
+    groups (eval.group_rank_correlation). NaN without the semantic reward, posecodes, or a t2p group
+    whose G candidates all have a pose."""
+    if "semantic" not in per_reward or cands.codes is None:
+        return float("nan")
+    t2p = torch.tensor([t == "t2p" for t in cands.task[::G]])  # (P,) one task per prompt
+    full = t2p & cands.valid.view(-1, G).all(1).cpu()  # (P,)
+    rows = full.repeat_interleave(G)  # (N,)
+    if not rows.any():
+        return float("nan")
+    check = data.check_posecodes(cands.joints[rows].detach().cpu(), cands.codes[rows].cpu(),
+                                 cands.mentioned[rows].cpu())  # (n,)
+    rho, _ = E.group_rank_correlation(per_reward["semantic"][rows].cpu(), check, G)
+    return rho
 
 
 def reduce_metrics(metrics, world_size, device):
@@ -296,7 +326,7 @@ def main(argv=None):
                                    start_step=step, collate_fn=train_sft.collate_fn(tokenizer, policy, True)))
     evaluator = None
     if master and cfg.eval and cfg.data == "poseworld":
-        evaluator = make_evaluator(cfg, tokenizer, body_model, ctx, device)
+        evaluator = make_evaluator(cfg, tokenizer, body_model, ctx, train_set, device)
     elif master and cfg.eval:
         print0("--eval: the before/after table is PoseWorld's; evaluate real data with eval.py --ckpt=... "
                "(3DPW, Human3.6M)")
@@ -374,17 +404,21 @@ def resume(cfg, opt, generator):
     return state["step"]
 
 
-def make_evaluator(cfg, tokenizer, body_model, ctx, device):
-    """Evaluation on the PoseWorld test split with both retrievers (eval.py)."""
+def make_evaluator(cfg, tokenizer, body_model, ctx, train_set, device):
+    """Evaluation on the PoseWorld test split with both retrievers (eval.py), the trivial baselines from
+    the training poses, and the retriever-checker agreement on sampled candidates."""
     test_set = data.PoseWorld("test", seed=cfg.seed, image_size=cfg.image_size)
     load = lambda name: rewards.PoseTextRetriever.load(os.path.join(cfg.sft_dir, f"retriever_{name}"),  # noqa: E731
                                                        device=device)
     retrievers = {"eval": load("eval"), "reward": ctx.retriever or load("reward")}
+    baseline_poses = {task: train_set.poses[train_set.task_indices(task)] for task in ("i2p", "t2p")}
+    limit = cfg.eval_size or None  # 0: the whole split
 
     def evaluator(policy, label):
-        print0(f"evaluating {label} on {min(cfg.eval_size, len(test_set))} PoseWorld test samples")
-        return E.evaluate(policy, tokenizer, test_set, body_model, retrievers, ctx.embedder,
-                          limit=cfg.eval_size, device=device)
+        print0(f"evaluating {label} on {min(limit or len(test_set), len(test_set))} PoseWorld test samples")
+        return E.evaluate(policy, tokenizer, test_set, body_model, retrievers, ctx.embedder, limit=limit,
+                          device=device, baseline_poses=baseline_poses, agreement_prompts=cfg.agreement_prompts,
+                          G=cfg.G)
     return evaluator
 
 

@@ -1,10 +1,13 @@
 """eval.py metrics: MPJPE, PA-MPJPE (against scipy) and Recall@K under both protocols."""
+import math
+
 import numpy as np
 import pytest
 import torch
 from scipy.linalg import orthogonal_procrustes
 from scipy.spatial.transform import Rotation
 
+import eval as E
 from eval import mpjpe, pa_mpjpe, procrustes_align, recall_at_k, recall_at_k_sampled
 
 
@@ -188,3 +191,36 @@ def test_recall_sampled_matches_brute_force_loop():
         assert ours[key] == pytest.approx(100.0 * h / (N * repeats))
     with pytest.raises(ValueError, match="n_candidates"):
         recall_at_k_sampled(text, pose, n_candidates=N + 1)
+
+
+# --- statistics for honest tables --------------------------------------------------------------------
+
+
+def test_paired_change_by_hand():
+    """Mean and standard error of the per-item differences. Catches an unpaired error (the spread of
+    the items, not of the differences) and a population std instead of the sample std."""
+    before = torch.tensor([10.0, 50.0, 90.0, 130.0])
+    after = before + torch.tensor([1.0, 3.0, 1.0, 3.0])
+    mean, se = E.paired_change(before, after)
+    assert mean == pytest.approx(2.0)
+    assert se == pytest.approx(math.sqrt(4 / 3) / 2)  # sample std of (1, 3, 1, 3) is sqrt(4/3); n = 4
+    with pytest.raises(ValueError, match="per-item"):
+        E.paired_change(before, after[:3])
+
+
+def test_group_rank_correlation_matches_scipy_with_ties():
+    """Spearman's rho within each group of G, averaged over groups, against scipy.stats.spearmanr
+    (average ranks for ties). Catches ranking over the whole batch instead of per group, ties
+    ranked arbitrarily, and groups without variation counted as 0 instead of skipped."""
+    from scipy.stats import spearmanr
+    g = torch.Generator().manual_seed(0)
+    G, P = 8, 6
+    a = torch.randint(0, 4, (P * G,), generator=g).float()  # many ties, like the checker's fractions
+    b = torch.randn(P * G, generator=g) + 0.5 * a
+    a[:G] = 1.0  # group 0: the checker cannot tell its candidates apart -> skipped
+    rho, groups = E.group_rank_correlation(a, b, G)
+    ref = [spearmanr(a[i * G:(i + 1) * G].numpy(), b[i * G:(i + 1) * G].numpy()).statistic for i in range(1, P)]
+    assert groups == P - 1
+    assert rho == pytest.approx(sum(ref) / len(ref), abs=1e-9)
+    assert E.group_rank_correlation(b, b, G)[0] == pytest.approx(1.0)
+    assert E.group_rank_correlation(b, -b, G)[0] == pytest.approx(-1.0)

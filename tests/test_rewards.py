@@ -435,3 +435,32 @@ def test_retriever_learns_on_poseworld(one_thread):
     print(f"retriever: {model.train_info}, val recall {recall}")
     assert recall["t2p@10"] > 30.0 and recall["p2t@10"] > 30.0, recall
     assert math.isfinite(model.train_info["final_loss"]) and model.train_info["final_loss"] < math.log(128)
+
+
+# --- the oracle diagnostic (not in the paper) -----------------------------------------------------------
+
+
+def test_oracle_reward_is_the_exact_posecode_check(world):
+    """`oracle` scores a text-to-pose candidate by the share of its caption's posecodes the pose
+    satisfies. Catches: codes or mentioned not carried through compute_rewards / Candidates.select (a
+    caption's own pose must score 1, another caption's pose less), a broken pose scoring above 0, and
+    the reward reading a field other than the prompt's codes."""
+    n = 8
+    J = world.joints_body[:n]  # (n, 24, 3) each caption's own pose
+    other = world.joints_body[n:2 * n]  # (n, 24, 3) poses of other captions
+    joints = torch.cat([J, other, J[:1] * float("nan")])  # (2n + 1, 24, 3)
+    codes = torch.cat([world.codes[:n]] * 2 + [world.codes[:1]])  # (2n + 1, K)
+    mentioned = torch.cat([world.mentioned[:n]] * 2 + [world.mentioned[:1]])  # (2n + 1, K)
+    c = candidates(["t2p"] * (2 * n + 1), [POSE_ANSWER] * (2 * n + 1), [True] * (2 * n + 1), joints,
+                   caption=list(world.captions[:n]) * 2 + [world.captions[0]])
+    c.codes, c.mentioned = codes, mentioned
+    _, R_c, per = compute_rewards(c, RewardContext(), {"oracle": 1.0})
+    expected = data.check_posecodes(other, world.codes[:n], world.mentioned[:n])  # (n,)
+    assert torch.equal(R_c[:n], torch.ones(n))
+    assert torch.allclose(R_c[n:2 * n], expected)
+    assert expected.mean() < 0.9  # the check discriminates: other poses miss some codes
+    assert R_c[-1] == 0
+    assert "oracle" not in parse_weights(rewards.DEFAULT_WEIGHTS)  # a diagnostic, not one of the paper's
+    with pytest.raises(ValueError, match="oracle"):  # data without posecodes: a clear error
+        compute_rewards(candidates(["t2p"], [POSE_ANSWER], [True], J[:1], caption=["x"]), RewardContext(),
+                        {"oracle": 1.0})
