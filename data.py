@@ -3,7 +3,7 @@
 The paper trains and evaluates on four kinds of data (Sec. 4.1): text-pose pairs (PoseScript),
 image-pose pairs (Human3.6M, 3DPW, ...), image-text-pose triples (BEDLAM-Script) and VQA
 (LLaVA-Instruct). None of them can be downloaded where this project is built, and students want to see
-the method work in minutes on a CPU, so this file also holds PoseWorld (DESIGN.md), a procedural world
+the method work in minutes on a CPU, so this file also holds PoseWorld (README.md, "PoseWorld"), a procedural world
 with the same one-to-many structure as the real tasks:
 
 - a caption names only a few posecodes, so many poses fit it (text-to-pose);
@@ -52,7 +52,7 @@ import torch.nn.functional as F
 
 import smpl
 
-# The answer template of the pose tasks (DESIGN.md): the pose head reads the hidden state at POSE_TOKEN.
+# The answer template of the pose tasks: the pose head reads the hidden state at POSE_TOKEN.
 POSE_TOKEN = "<POSE>"
 POSE_ANSWER = f"The SMPL pose of this person is {POSE_TOKEN}."
 
@@ -1898,8 +1898,8 @@ class Human36M(torch.utils.data.Dataset):
 
     The samples give what the metric needs: joints14 (14, 3) metres, H36M_J14 of the file's joints (names
     in H36M_J14_NAMES; a prediction's are H3.6M-regressor joints [6, 5, 4, 1, 2, 3, 16, 15, 14, 11, 12, 13,
-    8, 10], SPIN's H36M_TO_J14), pelvis (3,) (SPIN's evaluation aligns on the mid-hip, joints14[2:4].mean,
-    HMR2.0's on this pelvis joint; the files are root-centred, so it is zero), and pose / betas when the
+    8, 10], SPIN's H36M_TO_J14), pelvis (3,) (SPIN's and HMR2.0's evaluations align on this pelvis joint,
+    not on the mid-hip; the files are root-centred, so it is zero), and pose / betas when the
     file has SMPL fits (the public validation files do not: pose is None then). Images are
     <image_root>/<imgname>, cropped to the box at image_size with images=True (needs Pillow).
     """

@@ -2386,7 +2386,7 @@ class PoseLLaVA(nn.Module):
         """Inside this block the model IS the reference policy pi_ref: the frozen base with the copies
         taken by freeze_reference() in place of the trained tensors.
 
-        DESIGN.md describes pi_ref as "LoRA adapters off plus a frozen copy of the small heads". With the
+        pi_ref is sometimes described as "LoRA adapters off plus a frozen copy of the small heads". With the
         fresh adapters (B = 0) RFT starts from in the tiny preset, a copy of the adapters IS "off". When SFT
         already trained the adapters (the 7B preset trains LoRA in both stages), switching them off would
         make pi_ref the base LLaVA instead of the SFT model, and merging them into bf16 weights would round

@@ -6,8 +6,9 @@ Per step (Algorithm 1, lines 5-9):
     ->  group-relative advantages F_hat (from R_d) and Delta_hat (from R_c, valid candidates only), Eq. 16
     ->  the HyGRPO loss, the negative of Eq. 6 (hygrpo.hygrpo_loss)  ->  an AdamW step.
 The old policy of the ratios is the sampling policy (the parameters before this step's update); the
-reference policy of the KL term is the SFT model: the LoRA adapters switched off plus a frozen copy of
-the small trained heads (the paper writes both as pi_ref; see hygrpo.py's notes).
+reference policy of the KL term is the SFT model: a frozen copy of every tensor RFT trains (LoRA, W_a,
+W_b, the pose head, the <POSE> rows) swapped in over the shared frozen base (model.PoseLLaVA.reference;
+the paper writes both as pi_ref; see hygrpo.py's notes).
 
 The main job, `python train_rft.py` with no arguments on a fresh clone: trains the tiny SFT model if
 there is none yet (train_sft.py), evaluates it, runs RFT on PoseWorld, evaluates again and prints the
