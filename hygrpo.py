@@ -130,14 +130,22 @@ def group_advantages(rewards: torch.Tensor, valid: torch.Tensor | None = None, G
 # The Gaussian pose policy (Eq. 2, with a diagonal covariance; see note 6 above)
 
 
+def _f32(*xs):
+    """bf16 / fp16 tensors upcast to float32 (float32 and float64 kept): a sum of 144 log-density terms
+    in bf16 is off by whole nats, so the densities and KLs below are never computed in half precision."""
+    return [x.float() if x.dtype in (torch.bfloat16, torch.float16) else x for x in xs]
+
+
 def gaussian_log_prob(x: torch.Tensor, mu: torch.Tensor, log_std: torch.Tensor) -> torch.Tensor:
-    """log N(x; mu, diag(exp(2 log_std))), summed over the last dim. (..., D) -> (...)"""
+    """log N(x; mu, diag(exp(2 log_std))), summed over the last dim, at least in float32. (..., D) -> (...)"""
+    x, mu, log_std = _f32(x, mu, log_std)
     z = (x - mu) * torch.exp(-log_std)  # (..., D)
     return (-0.5 * z * z - log_std - 0.5 * LOG_2PI).sum(-1)  # (...,)
 
 
 def gaussian_entropy(log_std: torch.Tensor) -> torch.Tensor:
     """Entropy of a diagonal Gaussian, sum_d (log_std_d + 0.5 log(2 pi e)). (..., D) -> (...)"""
+    (log_std,) = _f32(log_std)
     return (log_std + 0.5 * (LOG_2PI + 1.0)).sum(-1)  # (...,)
 
 
@@ -146,8 +154,9 @@ def gaussian_kl(mu_p: torch.Tensor, log_std_p: torch.Tensor,
     """Closed-form KL(p || q) between diagonal Gaussians, summed over the last dim. (..., D) -> (...)
 
     For diagnostics (the exact pose KL to the reference); the loss uses the sampled k3 estimate,
-    which needs only log-densities.
+    which needs only log-densities. At least float32, like the log-densities.
     """
+    mu_p, log_std_p, mu_q, log_std_q = _f32(mu_p, log_std_p, mu_q, log_std_q)
     var_ratio = torch.exp(2 * (log_std_p - log_std_q))  # (..., D) sigma_p^2 / sigma_q^2
     z = (mu_p - mu_q) * torch.exp(-log_std_q)  # (..., D)
     return (0.5 * (var_ratio + z * z - 1) - (log_std_p - log_std_q)).sum(-1)  # (...,)
@@ -159,7 +168,9 @@ def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor, max_log_ratio: float = MAX
     Elementwise; unbiased when the sample comes from pi_theta, and never negative. The log-ratio
     ref - logp is clamped to +-max_log_ratio first (note 10): exact inside that range, frozen
     (zero gradient) outside, so one wild sample cannot make exp() overflow into an inf or NaN loss.
+    At least float32, like the log-densities.
     """
+    logp, ref_logp = _f32(logp, ref_logp)
     d = (ref_logp - logp).clamp(-max_log_ratio, max_log_ratio)  # (...)
     return torch.exp(d) - d - 1  # (...)
 

@@ -1940,14 +1940,19 @@ class GaussianPoseHead(nn.Module):
                 nn.init.constant_(self.to_log_std.bias, math.log(fraction / (1 - fraction)))  # sigmoid^-1
 
     def forward(self, h):
-        """h (B, d), the hidden state at each row's `<POSE>` -> PoseGaussian with mu, log_std (B, 144)."""
-        z = F.gelu(self.fc2(F.gelu(self.fc1(h.to(self.fc1.weight.dtype)))))  # (B, hidden)
-        mu = self.to_mu(z)  # (B, 144)
-        if self.deterministic:
-            log_std = torch.full_like(mu, self.log_std_init)  # (B, 144)
-        else:
-            span = self.log_std_max - self.log_std_min
-            log_std = self.log_std_min + span * torch.sigmoid(self.to_log_std(z))  # (B, 144)
+        """h (B, d), the hidden state at each row's `<POSE>` -> PoseGaussian with mu, log_std (B, 144),
+        float32 whatever the autocast: under bf16 autocast the layers would give mu and log_std with 8
+        significant bits, and the 144-d log-density built from them would be off by whole nats (r_c, the
+        pose KL and Delta_hat's gradient with it). The head's weights are float32 (trained tensors are)."""
+        device_type = h.device.type if h.device.type in ("cpu", "cuda") else "cpu"
+        with torch.autocast(device_type, enabled=False):
+            z = F.gelu(self.fc2(F.gelu(self.fc1(h.to(self.fc1.weight.dtype)))))  # (B, hidden)
+            mu = self.to_mu(z)  # (B, 144)
+            if self.deterministic:
+                log_std = torch.full_like(mu, self.log_std_init)  # (B, 144)
+            else:
+                span = self.log_std_max - self.log_std_min
+                log_std = self.log_std_min + span * torch.sigmoid(self.to_log_std(z))  # (B, 144)
         return PoseGaussian(mu=mu, log_std=log_std)
 
 

@@ -177,6 +177,39 @@ def test_head_init_log_std_bounds_and_deterministic_switch():
         GaussianPoseHead(16, 32, log_std_init=0.5)
 
 
+def test_pose_log_probs_are_float32_under_bf16_autocast():
+    """The 7B recipe runs under bf16 autocast. The head's mean and log-std, the 144-d Gaussian
+    log-density and the KLs must still be float32: the same weights and hidden states give the same
+    log-probs with and without autocast, to float32 precision. In bf16 they would be off by whole nats
+    (measured: log p 164.0 instead of 164.54), corrupting r_c and the pose KL."""
+    import hygrpo
+    g = torch.Generator().manual_seed(0)
+    head = GaussianPoseHead(64, 128)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    h = torch.randn(6, 64, generator=g)  # (6, 64) float32 hidden states
+    ref = head(h)
+    p = ref.sample(torch.Generator().manual_seed(1))  # (6, 144)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = head(h)
+        assert out.mu.dtype == torch.float32 and out.log_std.dtype == torch.float32
+        lp = out.log_prob(p)  # (6,)
+        kl = hygrpo.gaussian_kl(out.mu, out.log_std, ref.mu + 0.002, ref.log_std)  # (6,)
+    assert lp.dtype == torch.float32 and lp.abs().min() > 10  # large enough for bf16 to lose whole nats
+    assert torch.allclose(lp, ref.log_prob(p), rtol=1e-6, atol=1e-5)
+    assert torch.allclose(kl, hygrpo.gaussian_kl(ref.mu, ref.log_std, ref.mu + 0.002, ref.log_std), rtol=1e-5)
+    # half-precision inputs are upcast before the sums, so a 0.002 mean shift still shows
+    mu16, ls16, p16 = ref.mu.detach().bfloat16(), ref.log_std.detach().bfloat16(), p.bfloat16()
+    lp16 = hygrpo.gaussian_log_prob(p16, mu16, ls16)
+    assert lp16.dtype == torch.float32
+    assert torch.allclose(lp16, hygrpo.gaussian_log_prob(p16.float(), mu16.float(), ls16.float()), rtol=1e-6)
+    d = torch.tensor(0.01, dtype=torch.bfloat16)  # a small log-ratio: k3 ~ d^2 / 2, nothing in bf16
+    k3 = hygrpo.kl_k3(torch.zeros(3, dtype=torch.bfloat16), d.expand(3))
+    assert k3.dtype == torch.float32
+    assert torch.allclose(k3, torch.full((3,), math.exp(float(d)) - float(d) - 1), rtol=5e-3)  # fp32 cancellation
+
+
 # ----------------------------------------------------------------------------------------------------
 # What trains in which stage
 
