@@ -610,6 +610,32 @@ def test_sample_policy_agrees_with_policy_logprobs(world, tokenizer):
     assert torch.equal(scores.logprobs[~rollout.mask], torch.zeros(int((~rollout.mask).sum())))
 
 
+def test_sampler_and_scorer_are_the_same_policy_at_temperature_07(world, tokenizer):
+    """Answers sampled at temperature 0.7 come from softmax(logits / 0.7); the ratio's old policy and the
+    KL's current and reference policies must be that same tempered policy (TRL's and verl's GRPO score at
+    the sampling temperature). The sampler's recorded log-probs equal policy_logprobs' at unchanged
+    parameters, and pi_ref (right after freeze_reference) scores them the same; both differ from the
+    temperature-1 log-probs. Catches scoring at temperature 1 while sampling at another."""
+    config, model = pose_prone_model(tokenizer)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("lora_B"):
+                p.zero_()  # fresh adapters, so that pi_ref = the current policy
+    model.freeze_reference()
+    batch = batch_of(world, tokenizer, config, [0, 2, 3], for_generation=True)
+    rollout = sample_policy(model, batch, G=3, max_new_tokens=6, temperature=0.7,
+                            generator=torch.Generator().manual_seed(0))
+    assert rollout.temperature == 0.7
+    cur = policy_logprobs(model, rollout)
+    with model.reference():
+        ref = policy_logprobs(model, rollout)
+    m = rollout.mask
+    assert torch.allclose(cur.logprobs[m], rollout.logprobs[m], atol=1e-4)
+    assert torch.allclose(ref.logprobs[m], rollout.logprobs[m], atol=1e-4)
+    at_one = policy_logprobs(model, dataclasses.replace(rollout, temperature=1.0))
+    assert (at_one.logprobs[m] - rollout.logprobs[m]).abs().max() > 1e-2
+
+
 def test_reference_policy_is_the_frozen_start(world, tokenizer):
     """pi_ref equals the policy right after freeze_reference() (fresh adapters), still equals the starting
     scores after an RFT step that moved the policy, and refuses to run when parameters outside its copy
