@@ -184,9 +184,7 @@ def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor, max_log_ratio: float = MAX
     Elementwise; unbiased when the sample comes from pi_theta, and never negative. The log-ratio
     ref - logp is clamped to +-max_log_ratio first (note 10): exact inside that range, frozen
     (zero gradient) outside, so one wild sample cannot make exp() overflow into an inf or NaN loss.
-    At least float32, like the log-densities.
     """
-    logp, ref_logp = _f32(logp, ref_logp)
     d = (ref_logp - logp).clamp(-max_log_ratio, max_log_ratio)  # (...)
     return torch.exp(d) - d - 1  # (...)
 
