@@ -3,7 +3,7 @@
 The paper trains and evaluates on four kinds of data (Sec. 4.1): text-pose pairs (PoseScript),
 image-pose pairs (Human3.6M, 3DPW, ...), image-text-pose triples (BEDLAM-Script) and VQA
 (LLaVA-Instruct). None of them can be downloaded where this project is built, and students want to see
-the method work in minutes on a CPU, so this file also holds PoseWorld (DESIGN.md), a procedural world
+the method work in minutes on a CPU, so this file also holds PoseWorld (README.md, "PoseWorld"), a procedural world
 with the same one-to-many structure as the real tasks:
 
 - a caption names only a few posecodes, so many poses fit it (text-to-pose);
@@ -52,7 +52,7 @@ import torch.nn.functional as F
 
 import smpl
 
-# The answer template of the pose tasks (DESIGN.md): the pose head reads the hidden state at POSE_TOKEN.
+# The answer template of the pose tasks: the pose head reads the hidden state at POSE_TOKEN.
 POSE_TOKEN = "<POSE>"
 POSE_ANSWER = f"The SMPL pose of this person is {POSE_TOKEN}."
 
@@ -1363,7 +1363,8 @@ def pose_vit_preprocess(images: torch.Tensor, size: tuple[int, int] = (256, 192)
     antialiased as its Gaussian blur before downsampling), normalised with the ImageNet mean/std, then the
     central W columns: HMR2.0 builds 256 x 256 patches and feeds `x[:, :, :, 32:-32]` (256 x 192) to its ViT.
     Other sizes (the tiny preset) keep the same rule. (N, 3, h, w) uint8 -> (N, 3, H, W) float32.
-    The crop should be square (crop_box gives one); a non-square image is stretched.
+    The crop should be square (crop_box gives one); a non-square image is stretched. With HMR2.0's crop of a
+    person box (hmr2_crop_side), the W kept columns span the box's width.
     """
     _check_images(images)
     H, W = size
@@ -1405,6 +1406,25 @@ def crop_box(image: torch.Tensor, center, box_size: float, out_size: int) -> tor
     if sx1 > sx0 and sy1 > sy0:
         out[:, sy0 - y0:sy1 - y0, sx0 - x0:sx1 - x0] = image[:, sy0:sy1, sx0:sx1]
     return _resize_uint8(out[None], (out_size, out_size), "bilinear")[0].to(torch.uint8)  # (3, out, out)
+
+
+# HMR2.0's ViT sees a 192 x 256 (width x height) window: 4D-Humans sets MODEL.BBOX_SHAPE = [192, 256] for
+# the ViT backbone (hmr2/models/__init__.py) and expands every person box to that aspect before cropping.
+POSE_VIT_BOX_ASPECT = (192, 256)
+
+
+def hmr2_crop_side(width: float, height: float, aspect=POSE_VIT_BOX_ASPECT) -> float:
+    """The side of the square crop HMR2.0 takes around a person box of width x height pixels.
+
+    4D-Humans (hmr2/datasets/utils.py, expand_to_aspect_ratio; used by image_dataset.py and
+    vitdet_dataset.py as `expand_to_aspect_ratio(scale * 200, BBOX_SHAPE).max()`) grows the box, never
+    shrinks it, to the aspect w:h = 192:256 and crops the square of its longer side: max(height,
+    width * 256 / 192). For a square box of side s that is 4/3 s, and the central 192 of the 256 columns
+    that its ViT reads (pose_vit_preprocess) then span exactly the box's width. Cropping the box side
+    itself would frame the person 4/3 larger than HMR2.0 was trained on and cut wide poses.
+    """
+    w_t, h_t = aspect
+    return max(float(height), float(width) * h_t / w_t)
 
 
 def box_from_keypoints(keypoints: np.ndarray, scale_factor: float = 1.2):
@@ -1785,8 +1805,8 @@ class ThreeDPW(torch.utils.data.Dataset):
     camera frame by rotating its global orient, R_root <- R_cam @ R_root with R_cam = cam_poses[t, :3, :3];
     the person box is the square around the confident poses2d keypoints, enlarged 1.2x. joints are
     jointPositions in the camera frame (R_cam @ J + t_cam); trans stays in the world frame (see cam_pose).
-    With images=True the image is the box crop at image_size x image_size (needs Pillow); with
-    images=False image is None and image_path tells where it is.
+    With images=True the image is HMR2.0's crop around the box (hmr2_crop_side: 4/3 of its side) at
+    image_size x image_size (needs Pillow); with images=False image is None and image_path tells where it is.
     """
 
     def __init__(self, root: str, split: str = "test", images: bool = False, image_size: int = 256):
@@ -1860,8 +1880,8 @@ class ThreeDPW(torch.utils.data.Dataset):
         image = None
         if self.images:
             image = load_image(image_path)  # (3, H, W)
-            if box is not None:
-                image = crop_box(image, box[0], box[1], self.image_size)  # (3, S, S)
+            if box is not None:  # HMR2.0's crop: the square box grown to the 192:256 aspect (hmr2_crop_side)
+                image = crop_box(image, box[0], hmr2_crop_side(box[1], box[1]), self.image_size)  # (3, S, S)
         return {"task": "i2p", "question": IMAGE_POSE_QUESTION, "answer": POSE_ANSWER, "image": image,
                 "pose": pose, "joints": joints,
                 "betas": torch.as_tensor(seq["betas"][actor], dtype=torch.float32),
@@ -1898,10 +1918,11 @@ class Human36M(torch.utils.data.Dataset):
 
     The samples give what the metric needs: joints14 (14, 3) metres, H36M_J14 of the file's joints (names
     in H36M_J14_NAMES; a prediction's are H3.6M-regressor joints [6, 5, 4, 1, 2, 3, 16, 15, 14, 11, 12, 13,
-    8, 10], SPIN's H36M_TO_J14), pelvis (3,) (SPIN's evaluation aligns on the mid-hip, joints14[2:4].mean,
-    HMR2.0's on this pelvis joint; the files are root-centred, so it is zero), and pose / betas when the
+    8, 10], SPIN's H36M_TO_J14), pelvis (3,) (SPIN's and HMR2.0's evaluations align on this pelvis joint,
+    not on the mid-hip; the files are root-centred, so it is zero), and pose / betas when the
     file has SMPL fits (the public validation files do not: pose is None then). Images are
-    <image_root>/<imgname>, cropped to the box at image_size with images=True (needs Pillow).
+    <image_root>/<imgname>, cropped as HMR2.0 crops the box (hmr2_crop_side: 4/3 of its side) at image_size
+    with images=True (needs Pillow); box stays the person box of the file.
     """
 
     def __init__(self, npz_path: str, image_root: str, images: bool = False, image_size: int = 256):
@@ -1944,7 +1965,8 @@ class Human36M(torch.utils.data.Dataset):
                 betas = torch.as_tensor(self.betas[i], dtype=torch.float32)  # (10,)
         image_path = os.path.join(self.image_root, self.imgname[i])
         center, side = self.center[i].tolist(), float(self.box_side[i])
-        image = crop_box(load_image(image_path), center, side, self.image_size) if self.images else None
+        crop_side = hmr2_crop_side(side, side)  # HMR2.0's crop: the square box grown to the 192:256 aspect
+        image = crop_box(load_image(image_path), center, crop_side, self.image_size) if self.images else None
         return {"task": "i2p", "question": IMAGE_POSE_QUESTION, "answer": POSE_ANSWER, "image": image,
                 "pose": pose, "joints": None, "betas": betas, "joints14": self.joints14[i].clone(),
                 "pelvis": self.pelvis[i].clone(), "box": (center, side), "image_path": image_path}

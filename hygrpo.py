@@ -22,7 +22,9 @@ Where this code departs from the paper, or chooses where the paper leaves a choi
    An answer with no token under the mask adds 0 but still counts in N.
 3. The continuous term's 1/V pools the valid candidates of the whole batch: V is the number of valid
    candidates over all prompts, not per prompt. This equals Eq. 6 when every prompt has the same V;
-   otherwise prompts with more valid poses weigh more. V = 0 gives a zero term, not NaN.
+   otherwise prompts with more valid poses weigh more. V = 0 gives a zero term, not NaN. Under data
+   parallelism "the whole batch" is every rank's: the loss divides by the global N and V (all-reduced,
+   over the world size: N_norm / V_norm), so a rank that drew few valid poses does not weigh them more.
 4. The continuous term uses only r_c = pi_theta(p|q,a) / pi_old(p|q,a): Eq. 20 treats r_d as a
    constant for the continuous branch, so J_c of Eq. 19 loses its r_d factor. Each head gets its own
    advantage (Eq. 5 / 15, and Eq. 17-18, where F_hat leaves the inner expectation because E_p[r_c] = 1):
@@ -66,6 +68,20 @@ Where this code departs from the paper, or chooses where the paper leaves a choi
    train_rft.py --pose_kl=exact). With 144 dimensions and a small std, a mean shift of a few degrees
    already moves the log-density ratio past the +-20 clamp of note 10, where k3 stops pulling; the
    closed form has no clamp and no sampling noise. k3 stays the default, as GRPO has it.
+13. V for tasks without a continuous reward. Eq. 6 calls V "the candidates that include a valid pose
+   output" and App. B "the candidates with valid continuous outputs": the pose is the continuous action
+   of the pose tasks. A VQA answer that happens to emit <POSE> has no reward for its pose (its Delta_hat
+   is 0), so counting it would only dilute J_c and pull its meaningless pose toward pi_ref through the KL.
+   V therefore holds the candidates with a pose on a task that some registered continuous reward scores
+   (train_rft.pose_scored; whatever the reward's weight, so a zero-weight ablation of Table 5 keeps V);
+   such a stray pose gets no policy gradient and no pose KL (its text still gets F_hat and the token KL).
+14. The learning-rate schedules (train_sft.lr_at, both stages) start with a linear warm-up
+   (warmup_steps) and decay by cosine to a floor of lr * min_lr_ratio rather than to 0. Table 4 says
+   only "cosine"; neither the warm-up nor the floor is in the paper.
+15. The old policy of the ratios is scored at the text's sampling temperature, and so are the current
+   and reference policies (model.token_logprobs): the sampler is softmax(logits / T), as TRL and verl
+   score GRPO. The top-p truncation is not scored. With inner_epochs = 1 (the default) every ratio is
+   exactly 1 in value and clipping never acts (note 1): clip_eps matters only from a second inner epoch.
 """
 from __future__ import annotations
 
@@ -134,14 +150,22 @@ def group_advantages(rewards: torch.Tensor, valid: torch.Tensor | None = None, G
 # The Gaussian pose policy (Eq. 2, with a diagonal covariance; see note 6 above)
 
 
+def _f32(*xs):
+    """bf16 / fp16 tensors upcast to float32 (float32 and float64 kept): a sum of 144 log-density terms
+    in bf16 is off by whole nats, so the densities and KLs below are never computed in half precision."""
+    return [x.float() if x.dtype in (torch.bfloat16, torch.float16) else x for x in xs]
+
+
 def gaussian_log_prob(x: torch.Tensor, mu: torch.Tensor, log_std: torch.Tensor) -> torch.Tensor:
-    """log N(x; mu, diag(exp(2 log_std))), summed over the last dim. (..., D) -> (...)"""
+    """log N(x; mu, diag(exp(2 log_std))), summed over the last dim, at least in float32. (..., D) -> (...)"""
+    x, mu, log_std = _f32(x, mu, log_std)
     z = (x - mu) * torch.exp(-log_std)  # (..., D)
     return (-0.5 * z * z - log_std - 0.5 * LOG_2PI).sum(-1)  # (...,)
 
 
 def gaussian_entropy(log_std: torch.Tensor) -> torch.Tensor:
     """Entropy of a diagonal Gaussian, sum_d (log_std_d + 0.5 log(2 pi e)). (..., D) -> (...)"""
+    (log_std,) = _f32(log_std)
     return (log_std + 0.5 * (LOG_2PI + 1.0)).sum(-1)  # (...,)
 
 
@@ -150,8 +174,9 @@ def gaussian_kl(mu_p: torch.Tensor, log_std_p: torch.Tensor,
     """Closed-form KL(p || q) between diagonal Gaussians, summed over the last dim. (..., D) -> (...)
 
     For diagnostics (the exact pose KL to the reference); the loss uses the sampled k3 estimate,
-    which needs only log-densities.
+    which needs only log-densities. At least float32, like the log-densities.
     """
+    mu_p, log_std_p, mu_q, log_std_q = _f32(mu_p, log_std_p, mu_q, log_std_q)
     var_ratio = torch.exp(2 * (log_std_p - log_std_q))  # (..., D) sigma_p^2 / sigma_q^2
     z = (mu_p - mu_q) * torch.exp(-log_std_q)  # (..., D)
     return (0.5 * (var_ratio + z * z - 1) - (log_std_p - log_std_q)).sum(-1)  # (...,)
@@ -184,8 +209,9 @@ def _clipped_surrogate(ratio, adv, clip_eps):
 
 def hygrpo_loss(logp, old_logp, ref_logp, mask, adv_d,
                 pose_logp, old_pose_logp, ref_pose_logp, adv_c, valid,
-                clip_eps: float = 0.2, beta: float = 0.04, discrete_only: bool = False, pose_kl=None):
-    """The negative of the HyGRPO objective, Eq. 6, with the choices 1-11 of the module docstring.
+                clip_eps: float = 0.2, beta: float = 0.04, discrete_only: bool = False, pose_kl=None,
+                N_norm: float | None = None, V_norm: float | None = None):
+    """The negative of the HyGRPO objective, Eq. 6, with the choices of the module docstring.
 
     logp, old_logp, ref_logp: (N, T) per-token log-probs of the N sampled answers under the current,
         old (sampling) and reference policies; only `logp` carries gradient.
@@ -204,6 +230,11 @@ def hygrpo_loss(logp, old_logp, ref_logp, mask, adv_d,
     pose_kl: optional (N,) per-candidate KL(pi_theta(p|q,a) || pi_ref(p|q,a)) to use for the pose part of
         the KL in place of the k3 estimate at the sampled pose (note 12): e.g. gaussian_kl of the two
         heads' Gaussians, exact and never clamped. It must carry the gradient; invalid slots are ignored.
+    N_norm, V_norm: the divisors of the discrete and continuous sums (and of their KLs); default N and this
+        batch's V. Under data parallelism, where gradients are averaged over ranks, pass the GLOBAL counts
+        divided by the world size (train_rft.global_normalisers all-reduces them), so that the averaged
+        gradient is that of one batch holding every rank's candidates (note 3). V_norm = 0 (no valid pose
+        anywhere) gives a zero continuous term.
 
     Returns (loss, stats); stats holds python floats: the loss and its parts, the KL of each part,
     the clip fractions, the mean ratios and V/N.
@@ -230,8 +261,10 @@ def hygrpo_loss(logp, old_logp, ref_logp, mask, adv_d,
     n_tok = m.sum(-1).clamp(min=1).to(logp.dtype)  # (N,) |o_i|
     r_d = torch.exp((logp_m - old_m.detach()).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO))  # (N, T)
     surr_d, clip_d = _clipped_surrogate(r_d, adv_d.detach()[:, None], clip_eps)  # (N, T), (N, T)
-    J_d = (torch.where(m, surr_d, zeros).sum(-1) / n_tok).mean()  # ()
-    kl_d = (torch.where(m, kl_k3(logp_m, ref_m.detach()), zeros).sum(-1) / n_tok).mean()  # ()
+    N_div = N if N_norm is None else N_norm
+    N_div = N_div if N_div > 0 else 1
+    J_d = (torch.where(m, surr_d, zeros).sum(-1) / n_tok).sum() / N_div  # () the mean over N by default
+    kl_d = (torch.where(m, kl_k3(logp_m, ref_m.detach()), zeros).sum(-1) / n_tok).sum() / N_div  # ()
 
     # ---- continuous term: clipped r_c over the V valid candidates (Eq. 20: r_d held constant)
     zc = torch.zeros_like(pose_logp)  # (N,)
@@ -240,15 +273,17 @@ def hygrpo_loss(logp, old_logp, ref_logp, mask, adv_d,
     ref_pl = torch.where(valid, ref_pose_logp, zc).detach()  # (N,)
     A_c = torch.where(valid, adv_c, zc).detach()  # (N,)
     V = int(valid.sum())
+    V_div = V if V_norm is None else V_norm  # note 3: the batch's V, or the global V / world size
+    V_div = V_div if V_div > 0 else 1  # V = 0: the sums are 0, so is the term
     r_c = torch.exp((pl - old_pl).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO))  # (N,)
     surr_c, clip_c = _clipped_surrogate(r_c, A_c, clip_eps)  # (N,), (N,)
-    J_c = torch.where(valid, surr_c, zc).sum() / max(V, 1)  # () zero when V = 0
+    J_c = torch.where(valid, surr_c, zc).sum() / V_div  # () zero when V = 0
     if pose_kl is None:
-        kl_c = torch.where(valid, kl_k3(pl, ref_pl), zc).sum() / max(V, 1)  # () k3 at the sampled poses
+        kl_c = torch.where(valid, kl_k3(pl, ref_pl), zc).sum() / V_div  # () k3 at the sampled poses
     else:
         if pose_kl.shape != (N,):
             raise ValueError(f"pose_kl must be (N,) = ({N},), one value per candidate, got {tuple(pose_kl.shape)}")
-        kl_c = torch.where(valid, pose_kl, zc).sum() / max(V, 1)  # () the given (exact) KL, note 12
+        kl_c = torch.where(valid, pose_kl, zc).sum() / V_div  # () the given (exact) KL, note 12
 
     if discrete_only:
         loss = -(J_d - beta * kl_d)
@@ -264,9 +299,9 @@ def hygrpo_loss(logp, old_logp, ref_logp, mask, adv_d,
             "kl_d": float(kl_d),
             "kl_c": float(kl_c),
             "clip_frac_d": float((clip_d & m).sum()) / n_all,
-            "clip_frac_c": float((clip_c & valid).sum()) / max(V, 1),
+            "clip_frac_c": float((clip_c & valid).sum()) / V_div,  # averaged over ranks: the global fraction
             "ratio_d": float(torch.where(m, r_d, zeros).sum()) / n_all,
-            "ratio_c": float(torch.where(valid, r_c, zc).sum()) / max(V, 1),
+            "ratio_c": float(torch.where(valid, r_c, zc).sum()) / V_div,
             "V_over_N": V / max(N, 1),
         }
     return loss, stats

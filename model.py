@@ -537,7 +537,7 @@ class LlavaOutput:
 class Generation:
     """What `Llava.generate` returns; Tn <= max_new_tokens (it stops early once every row has stopped)."""
     tokens: torch.Tensor    # (B, Tn) long: sampled tokens; pad after a row's stop token
-    logprobs: torch.Tensor  # (B, Tn) float32: log pi(token) = log_softmax(raw logits) at temperature 1; 0 where masked
+    logprobs: torch.Tensor  # (B, Tn) float32: log pi(token) = log_softmax(logits / temperature); 0 where masked
     mask: torch.Tensor      # (B, Tn) bool: True for generated tokens up to and including the stop token
     captured_hidden: torch.Tensor | None = None  # (B, d): hidden state at the first generated capture token
     captured: torch.Tensor | None = None         # (B,) bool: whether the row generated the capture token
@@ -589,14 +589,24 @@ def sample_next(logits, temperature, top_p, generator=None, max_rejections=4):
     return token
 
 
-def token_logprobs(logits, targets):
-    """log pi(target) under the logits (teacher forcing): log_softmax(logits)[target], in float32.
+def scoring_temperature(temperature):
+    """The temperature log-probs are taken at: the sampling temperature, or 1 for greedy decoding (0)."""
+    return temperature if temperature > 0 else 1.0
+
+
+def token_logprobs(logits, targets, temperature=1.0):
+    """log pi(target) under the logits (teacher forcing): log_softmax(logits / temperature)[target], in
+    float32.
 
     logits (B, T, V) and targets (B, T) must already be aligned: logits[:, t] scores targets[:, t]. For a
     model output that means `token_logprobs(out.logits[:, :-1], input_ids[:, 1:])`. These are the
-    log pi_theta(a_t) of the token-level ratio in the RFT objective (raw logits, temperature 1).
+    log pi_theta(a_t) of the token-level ratio in the RFT objective, at the temperature the answers were
+    sampled at: the policy that sampled is softmax(logits / T), so the old, current and reference
+    log-probs are all scored at T (as TRL's GRPOTrainer does in _get_per_token_logps, `logits /
+    self.temperature`, and verl's dp_actor in _forward_micro_batch, `logits.div_(temperature)`). Top-p
+    truncation is not scored, as in both.
     """
-    logits = logits.float()  # (B, T, V)
+    logits = logits.float() / scoring_temperature(temperature)  # (B, T, V)
     picked = logits.gather(-1, targets[..., None])[..., 0]  # (B, T)
     return picked - torch.logsumexp(logits, dim=-1)  # (B, T)
 
@@ -701,9 +711,10 @@ class Llava(nn.Module):
         after it emits one of stop_token_ids; afterwards it emits pad_token_id (default: config.pad_token_id,
         else 0) with mask False and logprob 0. Call model.eval() first if the model has dropout.
 
-        `logprobs` are log pi(token) under the model's RAW logits, log_softmax at temperature 1 without the
-        top-p truncation, whatever temperature/top_p were used to sample: the RFT ratio needs log pi_theta
-        of the sampled action, which the teacher-forced `token_logprobs` recomputes the same way.
+        `logprobs` are log pi(token) = log_softmax(logits / temperature) at the sampled token, the policy
+        that sampled it (temperature 1 when greedy), without the top-p truncation: the RFT ratio needs
+        log pi_old of the sampled action, which the teacher-forced `token_logprobs(..., temperature)`
+        recomputes the same way.
 
         With capture_token_id (e.g. the `<POSE>` token), `captured_hidden` is the last hidden state (after
         the final norm) AT the first generated occurrence of that token, i.e. computed with that token as
@@ -746,7 +757,8 @@ class Llava(nn.Module):
             if output_logits:
                 step_logits.append(logits)
             token = sample_next(logits, temperature, top_p, generator)  # (B,)
-            logp = logits.gather(-1, token[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)  # (B,)
+            scored = logits / scoring_temperature(temperature)  # (B, V) the sampling policy's logits
+            logp = scored.gather(-1, token[:, None])[:, 0] - torch.logsumexp(scored, dim=-1)  # (B,)
             live = ~done  # (B,) rows still generating
             token = token.masked_fill(done, pad)  # (B,)
             tokens[:, i], logprobs[:, i], gen_mask[:, i] = token, logp.masked_fill(done, 0.0), live
@@ -1940,14 +1952,19 @@ class GaussianPoseHead(nn.Module):
                 nn.init.constant_(self.to_log_std.bias, math.log(fraction / (1 - fraction)))  # sigmoid^-1
 
     def forward(self, h):
-        """h (B, d), the hidden state at each row's `<POSE>` -> PoseGaussian with mu, log_std (B, 144)."""
-        z = F.gelu(self.fc2(F.gelu(self.fc1(h.to(self.fc1.weight.dtype)))))  # (B, hidden)
-        mu = self.to_mu(z)  # (B, 144)
-        if self.deterministic:
-            log_std = torch.full_like(mu, self.log_std_init)  # (B, 144)
-        else:
-            span = self.log_std_max - self.log_std_min
-            log_std = self.log_std_min + span * torch.sigmoid(self.to_log_std(z))  # (B, 144)
+        """h (B, d), the hidden state at each row's `<POSE>` -> PoseGaussian with mu, log_std (B, 144),
+        float32 whatever the autocast: under bf16 autocast the layers would give mu and log_std with 8
+        significant bits, and the 144-d log-density built from them would be off by whole nats (r_c, the
+        pose KL and Delta_hat's gradient with it). The head's weights are float32 (trained tensors are)."""
+        device_type = h.device.type if h.device.type in ("cpu", "cuda") else "cpu"
+        with torch.autocast(device_type, enabled=False):
+            z = F.gelu(self.fc2(F.gelu(self.fc1(h.to(self.fc1.weight.dtype)))))  # (B, hidden)
+            mu = self.to_mu(z)  # (B, 144)
+            if self.deterministic:
+                log_std = torch.full_like(mu, self.log_std_init)  # (B, 144)
+            else:
+                span = self.log_std_max - self.log_std_min
+                log_std = self.log_std_min + span * torch.sigmoid(self.to_log_std(z))  # (B, 144)
         return PoseGaussian(mu=mu, log_std=log_std)
 
 
@@ -2386,7 +2403,7 @@ class PoseLLaVA(nn.Module):
         """Inside this block the model IS the reference policy pi_ref: the frozen base with the copies
         taken by freeze_reference() in place of the trained tensors.
 
-        DESIGN.md describes pi_ref as "LoRA adapters off plus a frozen copy of the small heads". With the
+        pi_ref is sometimes described as "LoRA adapters off plus a frozen copy of the small heads". With the
         fresh adapters (B = 0) RFT starts from in the tiny preset, a copy of the adapters IS "off". When SFT
         already trained the adapters (the 7B preset trains LoRA in both stages), switching them off would
         make pi_ref the base LLaVA instead of the SFT model, and merging them into bf16 weights would round
@@ -2450,7 +2467,7 @@ class Rollout:
     prompt_mask: torch.Tensor     # (N, T0) bool
     tokens: torch.Tensor          # (N, Tn) long: the answer a_i; pad after the stop token
     mask: torch.Tensor            # (N, Tn) bool: generated tokens up to and including the stop token
-    logprobs: torch.Tensor        # (N, Tn) float32: log pi_old(a_t | q, a_<t); 0 where masked
+    logprobs: torch.Tensor        # (N, Tn) float32: log pi_old(a_t | q, a_<t) at `temperature`; 0 where masked
     pose: torch.Tensor            # (N, 144) rot6d: p_i ~ N(mu_i, sigma_i); the mean where invalid
     pose_logprobs: torch.Tensor   # (N,) log pi_old(p_i | q, a_i); 0 where invalid
     mu: torch.Tensor              # (N, 144)
@@ -2458,6 +2475,7 @@ class Rollout:
     valid: torch.Tensor           # (N,) bool: the answer emitted <POSE>, so it has a pose (the set V of Eq. 6)
     v_a: torch.Tensor | None      # (n_img, L_a, d_a) frozen CLIP features of the prompts' images, once each
     v_b: torch.Tensor | None      # (n_img, L_b, d_b) frozen pose-ViT features
+    temperature: float = 1.0      # the text's sampling temperature; every log-prob of the answer is taken at it
 
 
 @torch.no_grad()
@@ -2468,7 +2486,8 @@ def sample_policy(model, batch, G, max_new_tokens, temperature=1.0, top_p=1.0, g
     batch: data.collate(..., for_generation=True) output (input_ids / attention_mask left-padded,
     clip_pixels, pose_pixels). The frozen encoders run once per image; the projected visual tokens, not the
     pixels, are repeated G times. Sampling uses temperature / top_p for the text; the recorded log-probs are
-    at temperature 1 (what the ratio needs, see Llava.generate). Put the model in eval() if it has dropout.
+    at that temperature (the sampling policy, see Llava.generate), and policy_logprobs scores at it too.
+    Put the model in eval() if it has dropout.
     Returns a Rollout.
     """
     if G < 1:
@@ -2492,7 +2511,7 @@ def sample_policy(model, batch, G, max_new_tokens, temperature=1.0, top_p=1.0, g
     pose_logprobs = torch.where(valid, dist.log_prob(pose), torch.zeros_like(dist.mu[:, 0]))  # (N,)
     return Rollout(G=G, prompt_ids=prompt_ids, prompt_mask=prompt_mask, tokens=gen.tokens, mask=gen.mask,
                    logprobs=gen.logprobs, pose=pose, pose_logprobs=pose_logprobs, mu=dist.mu,
-                   log_std=dist.log_std, valid=valid, v_a=v_a, v_b=v_b)
+                   log_std=dist.log_std, valid=valid, v_a=v_a, v_b=v_b, temperature=temperature)
 
 
 class PolicyScores(typing.NamedTuple):
@@ -2505,7 +2524,8 @@ class PolicyScores(typing.NamedTuple):
 def policy_logprobs(model, rollout):
     """Score a rollout under the model's CURRENT parameters, with gradients (teacher forcing): the
     per-token log-probs of the sampled answers and the log-densities of the sampled poses, read at the
-    first generated `<POSE>` of each answer. Under `model.reference()` it scores pi_ref. With the
+    first generated `<POSE>` of each answer, the tokens at the rollout's sampling temperature (the old,
+    current and reference policies are all tempered alike). Under `model.reference()` it scores pi_ref. With the
     parameters that sampled the rollout it reproduces rollout.logprobs / pose_logprobs (up to float
     rounding). Returns PolicyScores (logprobs, pose_logprobs, pose: the Gaussians themselves).
 
@@ -2527,7 +2547,7 @@ def policy_logprobs(model, rollout):
     positions, attn_mask = positions_and_mask(key_mask, T0 + Tn)  # (N, T), (N, 1, T, T)
     h = decoder(x, positions, attn_mask)  # (N, T, d)
     logits = lm_head(h[:, T0 - 1:T0 + Tn - 1])  # (N, Tn, V): position t scores the token at t + 1
-    logprobs = token_logprobs(logits, rollout.tokens).masked_fill(~rollout.mask.bool(), 0.0)  # (N, Tn)
+    logprobs = token_logprobs(logits, rollout.tokens, rollout.temperature).masked_fill(~rollout.mask.bool(), 0.0)  # (N, Tn)
     first, found = model.pose_positions(rollout.tokens, rollout.mask)  # (N,), (N,)
     if not torch.equal(found, rollout.valid):
         raise ValueError("rollout.valid does not match the <POSE> tokens in rollout.tokens")

@@ -22,7 +22,7 @@ scipy, by an unpickler that only builds numpy arrays and inert stand-ins for tho
 every other class, so a model file cannot run code. Extra joint regressors (J_regressor_h36m.npy of
 SPIN, SMPL_to_J19.pkl of HMR2.0) come with those projects' data.
 
-Conventions (DESIGN.md):
+Conventions:
 - Units are metres.
 - A pose is 24 rotations: index 0 is the global orientation of the pelvis, 1..23 the body joints in
   SMPL order (JOINT_NAMES). Rotations are local (relative to the parent joint).

@@ -6,8 +6,9 @@ Per step (Algorithm 1, lines 5-9):
     ->  group-relative advantages F_hat (from R_d) and Delta_hat (from R_c, valid candidates only), Eq. 16
     ->  the HyGRPO loss, the negative of Eq. 6 (hygrpo.hygrpo_loss)  ->  an AdamW step.
 The old policy of the ratios is the sampling policy (the parameters before this step's update); the
-reference policy of the KL term is the SFT model: the LoRA adapters switched off plus a frozen copy of
-the small trained heads (the paper writes both as pi_ref; see hygrpo.py's notes).
+reference policy of the KL term is the SFT model: a frozen copy of every tensor RFT trains (LoRA, W_a,
+W_b, the pose head, the <POSE> rows) swapped in over the shared frozen base (model.PoseLLaVA.reference;
+the paper writes both as pi_ref; see hygrpo.py's notes).
 
 The main job, `python train_rft.py` with no arguments on a fresh clone: trains the tiny SFT model if
 there is none yet (train_sft.py), evaluates it, runs RFT on PoseWorld, evaluates again and prints the
@@ -68,6 +69,8 @@ class RFTConfig:
     max_steps: int = 150
     inner_epochs: int = 1             # policy updates per sampled batch (the old policy stays the sampler)
     clip_eps: float = 0.2             # epsilon of the clipped ratios
+    # inner_epochs = 1: the policy that is scored IS the sampler, every ratio is exactly 1, and clip_eps
+    # never acts (only the ratios' gradients matter; hygrpo.py notes 1, 15). Clipping needs >= 2.
     beta: float = 0.04                # weight of the KL to the reference policy
     pose_kl: str = "k3"               # pose part of the KL: "k3" at the sampled pose, or "exact" (closed form)
     temperature: float = 1.0          # sampling temperature of the text policy
@@ -137,6 +140,27 @@ def posecodes_of(batch, G):
     return {"codes": codes, "mentioned": mentioned}
 
 
+def pose_scored(valid, tasks):
+    """(N,) bool: the set V of Eq. 6, the candidates with a pose whose TASK has a continuous reward (any
+    registered one, whatever its weight, so Table 5's zero-weight ablation keeps V). A VQA answer that
+    happens to emit <POSE> is not a "valid continuous output" of its task: no reward scores its pose, so
+    it stays out of V, out of J_c's 1/V and out of the pose KL (hygrpo.py, note 13)."""
+    pose_tasks = {t for r in rewards.REWARDS.values() if r.kind == "continuous" for t in r.tasks}
+    return valid & torch.tensor([t in pose_tasks for t in tasks], dtype=torch.bool, device=valid.device)  # (N,)
+
+
+def global_normalisers(N, V, world_size, device):
+    """(N_norm, V_norm) for hygrpo_loss: the number of answers and of poses in V summed over ranks, divided
+    by the world size. Each rank divides its sums by them, and average_gradients divides by the world size
+    again, so the update is the gradient of one batch holding every rank's candidates, normalised by the
+    GLOBAL N and V: a rank that drew few valid poses does not weigh them more (hygrpo.py, note 3)."""
+    if world_size == 1:
+        return float(N), float(V)
+    counts = torch.tensor([float(N), float(V)], dtype=torch.float64, device=device)  # (2,)
+    dist.all_reduce(counts)
+    return counts[0].item() / world_size, counts[1].item() / world_size
+
+
 def hygrpo_step(policy, opt, params, batch, cfg, ctx, weights, body_model, tokenizer, generator, world_size):
     """Algorithm 1, lines 6-9, for one batch. Returns the metrics of the step (floats)."""
     G = cfg.G
@@ -153,7 +177,9 @@ def hygrpo_step(policy, opt, params, batch, cfg, ctx, weights, body_model, token
     R_d, R_c, per_reward = rewards.compute_rewards(cands, ctx, weights)  # (N,), (N,), {name: (N,)}
     # line 8: group-relative advantages, Eq. 16, over each prompt's G candidates
     F_hat = hygrpo.group_advantages(R_d, G=G)  # (N,) every candidate has a text answer
-    Delta_hat = hygrpo.group_advantages(R_c, valid=rollout.valid, G=G)  # (N,) 0 outside V
+    in_V = pose_scored(rollout.valid, cands.task)  # (N,) poses of pose tasks (note 13)
+    Delta_hat = hygrpo.group_advantages(R_c, valid=in_V, G=G)  # (N,) 0 outside V
+    N_norm, V_norm = global_normalisers(len(in_V), int(in_V.sum()), world_size, rollout.valid.device)
     with torch.no_grad(), policy.reference():  # pi_ref = pi_init: frozen copies of every RFT-trained tensor
         ref = M.policy_logprobs(policy, rollout)  # (N, Tn) logprobs, (N,) pose_logprobs, (N, 144) Gaussians
     timings["t_score"] = time.time() - t0
@@ -169,10 +195,11 @@ def hygrpo_step(policy, opt, params, batch, cfg, ctx, weights, body_model, token
             old_logp, old_pose_logp = logp.detach(), pose_logp.detach()
         exact_kl = hygrpo.gaussian_kl(cur.pose.mu, cur.pose.log_std, ref.pose.mu, ref.pose.log_std)  # (N,)
         loss, stats = hygrpo.hygrpo_loss(logp, old_logp, ref.logprobs, rollout.mask, F_hat, pose_logp,
-                                         old_pose_logp, ref.pose_logprobs, Delta_hat, rollout.valid,
+                                         old_pose_logp, ref.pose_logprobs, Delta_hat, in_V,
                                          clip_eps=cfg.clip_eps, beta=cfg.beta,
                                          discrete_only=cfg.algo == "grpo",
-                                         pose_kl=exact_kl if cfg.pose_kl == "exact" else None)
+                                         pose_kl=exact_kl if cfg.pose_kl == "exact" else None,
+                                         N_norm=N_norm, V_norm=V_norm)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         average_gradients(params, world_size)
@@ -180,8 +207,8 @@ def hygrpo_step(policy, opt, params, batch, cfg, ctx, weights, body_model, token
         opt.step()
     timings["t_update"] = time.time() - t0
 
-    def valid_mean(x):  # mean over the candidates with a pose (V); 0 when there are none
-        return x.detach()[rollout.valid].mean().item() if rollout.valid.any() else 0.0
+    def valid_mean(x):  # mean over the candidates in V (poses of pose tasks); 0 when there are none
+        return x.detach()[in_V].mean().item() if in_V.any() else 0.0
 
     metrics = {**stats, "kl_c_exact": valid_mean(exact_kl),  # beside kl_c, whichever KL the loss used
                "grad_norm": grad_norm, **timings, "R_d": R_d.mean().item(), "R_c": valid_mean(R_c),

@@ -229,6 +229,28 @@ def test_crop_box_centres_the_box_and_pads_with_zeros():
     assert (crop[:, :, 17:] == 0).all() and (crop[:, :, :17] > 0).all()
 
 
+def test_hmr2_crop_expands_the_box_to_192_by_256(tmp_path, monkeypatch):
+    """4D-Humans expands the person box to w:h = 192:256 before its 256 x 256 crop and the central column cut
+    (hmr2/datasets/utils.py expand_to_aspect_ratio). A 30 px square box centred at (60, 50) is therefore
+    cropped 40 x 40 (x 40..79, y 30..69), and the pose ViT's central 30 of 40 columns are the box's own
+    x 45..74, computed here by hand on an image whose every pixel is distinct. Catches cropping the box
+    side itself (people framed 4/3 too large, wide poses cut) in the Human3.6M loader (training and
+    evaluation) and in the rule for non-square boxes."""
+    assert D.hmr2_crop_side(30, 30) == 40 and D.hmr2_crop_side(30, 60) == 60 and D.hmr2_crop_side(60, 30) == 80
+    ys, xs = torch.meshgrid(torch.arange(100), torch.arange(120), indexing="ij")
+    img = torch.stack([(xs + 2 * ys) % 256, (3 * xs + ys) % 256, (xs * ys) % 256]).to(torch.uint8)  # (3, 100, 120)
+    monkeypatch.setattr(D, "load_image", lambda path: img.clone())
+    a = h36m_arrays(1)
+    np.savez(tmp_path / "one.npz", imgname=a["imgname"], center=np.array([[60.0, 50.0]]), scale=np.array([30 / 200]),
+             S=a["S"])
+    s = D.Human36M(str(tmp_path / "one.npz"), "/data", images=True, image_size=40)[0]
+    assert s["box"][1] == pytest.approx(30)  # the person box itself is reported unchanged
+    assert torch.equal(s["image"], img[:, 30:70, 40:80])
+    mean, std = torch.tensor(D.IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(D.IMAGENET_STD).view(1, 3, 1, 1)
+    seen = D.pose_vit_preprocess(s["image"][None], (40, 30))  # (1, 3, 40, 30)
+    assert torch.allclose(seen, (img[None, :, 30:70, 45:75].float() / 255 - mean) / std, atol=1e-5)
+
+
 def test_load_image_without_pillow_says_how_to_install(monkeypatch):
     """Pillow is optional: its absence must give an actionable message, not a bare ImportError."""
     monkeypatch.setitem(sys.modules, "PIL", None)
@@ -527,7 +549,7 @@ def test_human36m_reads_spin_and_hmr2_layouts(tmp_path, monkeypatch):
         return img
     monkeypatch.setattr(D, "load_image", fake_image)
     np.savez(tmp_path / "one.npz", imgname=a["imgname"][:1], center=np.array([[50.0, 40.0]]),
-             scale=np.array([32 / 200]), S=a["S"][:1])
+             scale=np.array([24 / 200]), S=a["S"][:1])  # a 24 px box is cropped 32 px wide (HMR2.0's 4/3)
     crop = D.Human36M(str(tmp_path / "one.npz"), "/data", images=True, image_size=32)[0]["image"]
     assert crop.shape == (3, 32, 32) and (crop[:, 16, 16] == 255).all() and (crop[:, 15, 16] == 40).all()
 

@@ -314,10 +314,11 @@ def test_stop_tokens_end_rows(tiny):
 
 
 def test_logprobs_and_captured_hidden_equal_full_forward(tiny):
-    """logprobs are log_softmax of the RAW logits (temperature 1, no top-p) at each sampled token, as the
-    teacher-forced token_logprobs gives; captured_hidden is the full forward's last hidden state at the
-    capture token's own position, also when it is the very last token generated (the extra forward).
-    Catches logprobs of the tempered distribution and a hidden state off by one position."""
+    """logprobs are log_softmax of the logits at the SAMPLING temperature (0.7 here; no top-p) at each
+    sampled token, as the teacher-forced token_logprobs(..., 0.7) gives; captured_hidden is the full
+    forward's last hidden state at the capture token's own position, also when it is the very last token
+    generated (the extra forward). Catches logprobs of another policy than the one that sampled (e.g. at
+    temperature 1) and a hidden state off by one position."""
     ids, mask, pixels = prompt_batch()
     T0 = ids.shape[1]
 
@@ -332,7 +333,7 @@ def test_logprobs_and_captured_hidden_equal_full_forward(tiny):
     for n in (8, k + 1):  # k + 1: the capture token is the last token generated
         gen = run(n, capture)
         full = full_forward(tiny, ids, mask, pixels, gen)
-        expected = token_logprobs(full.logits[:, T0 - 1:-1], gen.tokens)  # (B, Tn)
+        expected = token_logprobs(full.logits[:, T0 - 1:-1], gen.tokens, temperature=0.7)  # (B, Tn)
         torch.testing.assert_close(gen.logprobs[gen.mask], expected[gen.mask], atol=1e-4, rtol=0)
         assert gen.captured[0]
         torch.testing.assert_close(gen.captured_hidden[0], full.hidden_states[0, T0 + k], atol=1e-5, rtol=0)

@@ -177,6 +177,38 @@ def test_head_init_log_std_bounds_and_deterministic_switch():
         GaussianPoseHead(16, 32, log_std_init=0.5)
 
 
+def test_pose_log_probs_are_float32_under_bf16_autocast():
+    """The 7B recipe runs under bf16 autocast. The head's mean and log-std, the 144-d Gaussian
+    log-density and the KLs must still be float32: the same weights and hidden states give the same
+    log-probs with and without autocast, to float32 precision. In bf16 they would be off by whole nats
+    (measured: log p 164.0 instead of 164.54), corrupting r_c and the pose KL."""
+    import hygrpo
+    g = torch.Generator().manual_seed(0)
+    head = GaussianPoseHead(64, 128)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    h = torch.randn(6, 64, generator=g)  # (6, 64) float32 hidden states
+    ref = head(h)
+    p = ref.sample(torch.Generator().manual_seed(1))  # (6, 144)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = head(h)
+        assert out.mu.dtype == torch.float32 and out.log_std.dtype == torch.float32
+        lp = out.log_prob(p)  # (6,)
+        kl = hygrpo.gaussian_kl(out.mu, out.log_std, ref.mu + 0.002, ref.log_std)  # (6,)
+    assert lp.dtype == torch.float32 and lp.abs().min() > 10  # large enough for bf16 to lose whole nats
+    assert torch.allclose(lp, ref.log_prob(p), rtol=1e-6, atol=1e-5)
+    assert torch.allclose(kl, hygrpo.gaussian_kl(ref.mu, ref.log_std, ref.mu + 0.002, ref.log_std), rtol=1e-5)
+    # half-precision inputs are upcast before the sums, so a 0.002 mean shift still shows
+    mu16, ls16, p16 = ref.mu.detach().bfloat16(), ref.log_std.detach().bfloat16(), p.bfloat16()
+    lp16 = hygrpo.gaussian_log_prob(p16, mu16, ls16)
+    assert lp16.dtype == torch.float32
+    assert torch.allclose(lp16, hygrpo.gaussian_log_prob(p16.float(), mu16.float(), ls16.float()), rtol=1e-6)
+    # the k3 KL of the loss then sees float32 log-probs (token_logprobs is float32 too)
+    k3 = hygrpo.kl_k3(lp, ref.log_prob(p).detach() + 0.01)
+    assert k3.dtype == torch.float32 and torch.allclose(k3, torch.full_like(k3, math.exp(0.01) - 1.01), rtol=2e-2)
+
+
 # ----------------------------------------------------------------------------------------------------
 # What trains in which stage
 
@@ -575,6 +607,32 @@ def test_sample_policy_agrees_with_policy_logprobs(world, tokenizer):
     assert torch.allclose(scores.logprobs, rollout.logprobs, atol=1e-4)
     assert torch.allclose(scores.pose_logprobs, rollout.pose_logprobs, atol=1e-4, rtol=1e-5)
     assert torch.equal(scores.logprobs[~rollout.mask], torch.zeros(int((~rollout.mask).sum())))
+
+
+def test_sampler_and_scorer_are_the_same_policy_at_temperature_07(world, tokenizer):
+    """Answers sampled at temperature 0.7 come from softmax(logits / 0.7); the ratio's old policy and the
+    KL's current and reference policies must be that same tempered policy (TRL's and verl's GRPO score at
+    the sampling temperature). The sampler's recorded log-probs equal policy_logprobs' at unchanged
+    parameters, and pi_ref (right after freeze_reference) scores them the same; both differ from the
+    temperature-1 log-probs. Catches scoring at temperature 1 while sampling at another."""
+    config, model = pose_prone_model(tokenizer)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("lora_B"):
+                p.zero_()  # fresh adapters, so that pi_ref = the current policy
+    model.freeze_reference()
+    batch = batch_of(world, tokenizer, config, [0, 2, 3], for_generation=True)
+    rollout = sample_policy(model, batch, G=3, max_new_tokens=6, temperature=0.7,
+                            generator=torch.Generator().manual_seed(0))
+    assert rollout.temperature == 0.7
+    cur = policy_logprobs(model, rollout)
+    with model.reference():
+        ref = policy_logprobs(model, rollout)
+    m = rollout.mask
+    assert torch.allclose(cur.logprobs[m], rollout.logprobs[m], atol=1e-4)
+    assert torch.allclose(ref.logprobs[m], rollout.logprobs[m], atol=1e-4)
+    at_one = policy_logprobs(model, dataclasses.replace(rollout, temperature=1.0))
+    assert (at_one.logprobs[m] - rollout.logprobs[m]).abs().max() > 1e-2
 
 
 def test_reference_policy_is_the_frozen_start(world, tokenizer):

@@ -99,6 +99,27 @@ def test_torchrun_two_ranks_stay_identical(sft_dir, tmp_path):
     assert [r["step"] for r in rows] == [1, 2]
 
 
+def test_two_ranks_normalise_by_global_counts(tmp_path):
+    """torchrun with 2 CPU processes (gloo): the ranks split one batch of HyGRPO candidates, rank 0 drawing
+    1 valid pose and rank 1 four, and normalise by the all-reduced N and V (train_rft.global_normalisers).
+    Their averaged gradient must equal the gradient of the whole batch in one process. Catches a rank
+    dividing by its own V (rank 0's single pose would weigh four times the others')."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(ROOT, "tests", "hygrpo_ddp_probe.py"), str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    grads = torch.load(tmp_path / "grads.pt")
+    assert grads["whole"].abs().max() > 1e-3
+    torch.testing.assert_close(grads["ddp"], grads["whole"], rtol=1e-12, atol=1e-12)
+
+
+def test_pose_set_leaves_out_tasks_without_a_continuous_reward():
+    """V (Eq. 6) holds the candidates with a pose on a task whose pose some continuous reward scores: a VQA
+    answer that emits <POSE> is not in V (it would dilute J_c and enter the pose KL unrewarded)."""
+    valid = torch.tensor([True, True, True, False])
+    assert train_rft.pose_scored(valid, ["t2p", "i2p", "vqa", "t2p"]).tolist() == [True, True, False, False]
+
+
 @pytest.mark.slow
 def test_main_job_end_to_end(tmp_path):
     """`python train_rft.py` on a fresh folder, with reduced step counts: trains the SFT model (there is
