@@ -65,9 +65,8 @@ Where this code departs from the paper, or chooses where the paper leaves a choi
 11. The functions return a loss to MINIMISE: the negative of Eq. 6.
 12. An option beyond the paper: `pose_kl=` replaces the pose part of the KL by a value the caller
    computes, meant for the closed-form KL between the current and reference Gaussians (gaussian_kl;
-   train_rft.py --pose_kl=exact). With 144 dimensions and a small std, a mean shift of a few degrees
-   already moves the log-density ratio past the +-20 clamp of note 10, where k3 stops pulling; the
-   closed form has no clamp and no sampling noise. k3 stays the default, as GRPO has it.
+   train_rft.py --pose_kl=exact). k3 at one sample of a 144-d Gaussian is a noisy estimate; the
+   closed form has no sampling noise. k3 stays the default, as GRPO has it.
 13. V for tasks without a continuous reward. Eq. 6 calls V "the candidates that include a valid pose
    output" and App. B "the candidates with valid continuous outputs": the pose is the continuous action
    of the pose tasks. A VQA answer that happens to emit <POSE> has no reward for its pose (its Delta_hat
