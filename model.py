@@ -1670,59 +1670,12 @@ _HMR2_HINT = ("The pose-aware encoder f_b is HMR2.0's ViT-H backbone (4D-Humans,
               "backbone.* tensors.")
 
 
-class _InertConfig(dict):
-    """Stands in for a pickled configuration object (OmegaConf's DictConfig, ListConfig and nodes, yacs'
-    CfgNode, typing.Any): keeps the items, arguments and state the pickle gives it as plain data and runs
-    none of the original class's code. Only the tensors of the checkpoint are used."""
-    pickled_class = "?"
-
-    def __init__(self, *args):  # a REDUCE opcode calls the class
-        super().__init__()
-        self.args = args
-
-    def __setstate__(self, state):  # a BUILD opcode
-        self.state = state
-
-
-@functools.lru_cache(maxsize=None)
-def _inert_config_class(module, name):
-    return type(name, (_InertConfig,), {"pickled_class": f"{module}.{name}"})
-
-
-_CONFIG_MODULES = ("omegaconf", "yacs", "typing")  # their classes become _InertConfig stand-ins
-_PLAIN_TYPES = {t.__name__: t for t in (dict, list, tuple, set, frozenset, int, float, complex, str, bool)}
-_PLAIN_TYPES["long"] = int  # Python 2's name, as protocol-2 pickles may write it
-_TORCH_GLOBALS = {
-    ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,  # every tensor of torch.save
-    ("torch._utils", "_rebuild_parameter"): torch._utils._rebuild_parameter,
-    ("torch._utils", "_rebuild_parameter_with_state"): torch._utils._rebuild_parameter_with_state,
-    ("torch", "Size"): torch.Size,
-    ("torch", "device"): torch.device,
-    ("collections", "OrderedDict"): collections.OrderedDict,  # state_dict() and _rebuild_tensor_v2's hooks
-    ("collections", "defaultdict"): collections.defaultdict,  # OmegaConf's resolver cache
-}
-
-
-class _RefusedGlobal(pickle.UnpicklingError):
-    """The pickle names a class or function that _CheckpointUnpickler does not build."""
-
-
-class _CheckpointUnpickler(pickle.Unpickler):
-    """Builds tensors (torch's own rebuild functions; torch.load handles the storages), plain containers
-    and scalars, torch dtypes, and inert stand-ins for config objects. Any other global (os.system,
-    builtins.exec, a model class, ...) is refused before it can be called."""
-
-    def find_class(self, module, name):
-        module = "builtins" if module == "__builtin__" else module  # protocol 2 writes Python 2's name
-        if module == "builtins" and name in _PLAIN_TYPES:
-            return _PLAIN_TYPES[name]
-        if (module, name) in _TORCH_GLOBALS:
-            return _TORCH_GLOBALS[(module, name)]
-        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-            return getattr(torch, name)
-        if module.split(".")[0] in _CONFIG_MODULES:
-            return _inert_config_class(module, name)
-        raise _RefusedGlobal(f"refusing to load {module}.{name}")
+class _CheckpointUnpickler(smpl.RestrictedUnpickler):
+    """The project's restricted unpickler (smpl.RestrictedUnpickler) narrowed to what a Lightning
+    checkpoint holds: tensors (torch's own rebuild functions; torch.load handles the storages), plain
+    containers and scalars, torch dtypes, and inert stand-ins for config objects. Any other global
+    (os.system, builtins.exec, a model class, numpy arrays, ...) is refused before it can be called."""
+    allow = ("builtins", "torch", "config")
 
 
 def _restricted_load(file, **kwargs):
@@ -1734,6 +1687,14 @@ _RESTRICTED_PICKLE = types.SimpleNamespace(__name__="restricted_pickle", Unpickl
                                            load=_restricted_load)
 
 
+def _checked_checkpoint(state, path, size):
+    """What torch.load built, checked for depth and size like every pickle the project reads."""
+    try:
+        return smpl._checked_tree(state, path, size)
+    except smpl.PickleFileError as e:
+        raise ValueError(f"{e}. {_HMR2_HINT}") from None
+
+
 def _torch_load_safely(path):
     """torch.load without executing pickled code: weights_only first (torch's hardened unpickler), then, if
     it refused a class, our unpickler that also reads config objects as inert data and refuses the rest.
@@ -1741,15 +1702,16 @@ def _torch_load_safely(path):
     config of a 2.5 GB HMR2.0 checkpoint costs little, and loading it holds no second copy."""
     mmap = zipfile.is_zipfile(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        return _checked_checkpoint(torch.load(path, map_location="cpu", weights_only=True, mmap=mmap), path,
+                                   os.path.getsize(path))
     except pickle.UnpicklingError:
         pass  # most likely the pickled training config; retried below
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
+    except (RuntimeError, EOFError, OSError) as e:
         raise ValueError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}: {e}). "
                          f"{_HMR2_HINT}") from None
     try:
-        return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_RESTRICTED_PICKLE, mmap=mmap)
-    except _RefusedGlobal as e:
+        state = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_RESTRICTED_PICKLE, mmap=mmap)
+    except smpl.UnsafePickleError as e:
         raise ValueError(
             f"{path}: {e}. A pose-encoder checkpoint may hold tensors and plain config data only; loading "
             f"this object would run code from the file, so it was not loaded. If you trust the file, "
@@ -1759,6 +1721,7 @@ def _torch_load_safely(path):
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, TypeError, AttributeError) as e:
         raise ValueError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}: {e}). "
                          f"{_HMR2_HINT}") from None
+    return _checked_checkpoint(state, path, os.path.getsize(path))  # depth and size, like every pickle
 
 
 def read_pose_encoder_state(path):
