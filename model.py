@@ -34,9 +34,7 @@ Module and parameter names follow Hugging Face (`language_model.model.layers.0.s
 our `state_dict()` is exactly what transformers' `save_pretrained` writes for LLaVA, loading any other
 layout is a prefix rename, and LoRA can wrap the attention's `nn.Linear` children by name.
 """
-import collections
 import contextlib
-import functools
 import heapq
 import json
 import math
