@@ -110,13 +110,15 @@ def recall_at_k(text_emb: torch.Tensor, pose_emb: torch.Tensor, ks: Sequence[int
     embeddings. Rank of a query's ground truth = 1 + the number of OTHER candidates scoring at least as
     high, so ties count against the query (a pessimistic convention). This matters for generated poses:
     a collapsed policy that gives every caption the same pose makes all candidates tie, and must score
-    at chance or below, not 100%. Returns {"t2p@5": ..., "p2t@5": ..., ...} in percent.
+    at chance or below, not 100%. Returns {"t2p@5": ..., "p2t@5": ..., ...} in percent. A K that is not
+    below N gives NaN: every ground truth is then within the top K, and 100% would measure nothing.
     """
     S = _similarity(text_emb, pose_emb, "recall_at_k")  # (N, N) S[i, j] = cos(text i, pose j)
     gt = S.diagonal()  # (N,)
     rank_t2p = (S >= gt[:, None]).sum(1)  # (N,) text i ranks the N poses; counts itself, so >= 1
     rank_p2t = (S >= gt[None, :]).sum(0)  # (N,) pose j ranks the N texts (column j)
-    return _recalls(rank_t2p, rank_p2t, ks)
+    out = _recalls(rank_t2p, rank_p2t, ks)
+    return {key: (float("nan") if int(key.split("@")[1]) >= S.shape[0] else v) for key, v in out.items()}
 
 
 def recall_at_k_sampled(text_emb: torch.Tensor, pose_emb: torch.Tensor, ks: Sequence[int] = (5, 10, 20),
@@ -178,6 +180,17 @@ def _mean_poses(policy, samples, tokenizer, device, max_new_tokens=32):
 
 
 @torch.no_grad()
+def refuse_nonfinite_weights(policy):
+    """A model with NaN or infinite weights is an error, not a row of ordinary figures: its NaN poses
+    would fail the format check, become the rest pose, and score like a weak but healthy model."""
+    if not isinstance(policy, torch.nn.Module):  # a stand-in (tests) has no weights to check
+        return
+    bad = [name for name, t in policy.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise ValueError(f"the model's weights are not finite (NaN or inf) in {len(bad)} tensors, e.g. "
+                         f"{', '.join(bad[:3])}: it cannot be evaluated (was it saved from a diverged run?)")
+
+
 def evaluate(policy, tokenizer, dataset, body_model, retrievers: dict, embedder, limit: int | None = None,
              batch_size: int = 64, device="cpu", progress: bool = True, seed: int = 0) -> dict:
     """All metrics of a policy on a PoseWorld split (the first `limit` samples, a third per task).
@@ -191,6 +204,7 @@ def evaluate(policy, tokenizer, dataset, body_model, retrievers: dict, embedder,
     import rewards
     import train_sft
     from tqdm import tqdm
+    refuse_nonfinite_weights(policy)
     n = len(dataset) if limit is None else min(limit, len(dataset))
     idx = list(range(n))
     texts, mus, valids = [], [], []

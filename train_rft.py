@@ -166,6 +166,7 @@ def hygrpo_step(policy, opt, params, batch, cfg, ctx, weights, body_model, token
         loss.backward()
         average_gradients(params, world_size)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item()
+        train_sft.check_finite_update(loss.item(), grad_norm, cfg)
         opt.step()
     timings["t_update"] = time.time() - t0
 

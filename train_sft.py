@@ -184,6 +184,18 @@ def append_jsonl(path, record):
         f.write(json.dumps(record) + "\n")
 
 
+def check_finite_update(loss, grad_norm, cfg, step=None):
+    """Stop before a step with a NaN or infinite loss or gradient is applied: one such step turns every
+    weight into NaN, and the next save would replace the last good checkpoint with it. The check runs
+    after the gradient all-reduce, so under torchrun every rank sees the same norm and stops together."""
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        where = "this step" if step is None else f"step {step + 1}"
+        raise SystemExit(f"{where}: the loss ({loss}) or the gradient norm ({grad_norm}) is not finite; "
+                         f"stopped before applying it. The last good checkpoint is kept in "
+                         f"{os.path.join(cfg.out_dir, M.CHECKPOINT_DIR)}; lower --lr, or check the settings "
+                         f"(e.g. a NaN weight such as --beta)")
+
+
 def load_train_state(out_dir):
     """The optimiser / RNG / step state saved with the run's last checkpoint, or a clear error."""
     path = os.path.join(out_dir, M.CHECKPOINT_DIR, "train_state.pt")
@@ -404,6 +416,7 @@ def main(argv=None, cfg=None):
         loss.backward()
         average_gradients(params, world_size)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item()
+        check_finite_update(loss.item(), grad_norm, cfg, step)
         opt.step()
         step += 1
         parts = {"step": step, "lr": lr, "loss": loss.item(), **parts, "grad_norm": grad_norm,

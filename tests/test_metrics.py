@@ -1,4 +1,5 @@
 """eval.py metrics: MPJPE, PA-MPJPE (against scipy) and Recall@K under both protocols."""
+import math
 import numpy as np
 import pytest
 import torch
@@ -188,3 +189,13 @@ def test_recall_sampled_matches_brute_force_loop():
         assert ours[key] == pytest.approx(100.0 * h / (N * repeats))
     with pytest.raises(ValueError, match="n_candidates"):
         recall_at_k_sampled(text, pose, n_candidates=N + 1)
+
+
+def test_recall_at_k_is_nan_when_k_covers_every_item():
+    """With N <= K items every ground truth is within the top K, so recall would print 100% for any
+    model: it must be NaN (no measurement) instead, while K < N keeps its value."""
+    g = torch.Generator().manual_seed(1)
+    text, pose = torch.randn(5, 8, generator=g), torch.randn(5, 8, generator=g)
+    r = recall_at_k(text, pose, ks=(1, 5, 10))
+    assert math.isnan(r["t2p@5"]) and math.isnan(r["p2t@10"])
+    assert 0 <= r["t2p@1"] <= 100

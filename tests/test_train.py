@@ -164,3 +164,28 @@ def test_rft_exact_pose_kl(sft_dir, tmp_path):
         assert r["kl_c"] == pytest.approx(r["kl_c_exact"], rel=1e-4)
     with pytest.raises(SystemExit, match="--pose_kl"):
         train_rft.main([f"--sft_dir={sft_dir}", f"--out_dir={out}", "--pose_kl=k2"])
+
+
+def test_nonfinite_step_stops_and_keeps_last_good_checkpoint(sft_dir, tmp_path):
+    """A NaN loss (--beta=nan in RFT, --joint_weight=nan in SFT) must stop the run with a clear error
+    before the step is applied, leaving the last good checkpoint as it was. Catches training on with NaN
+    weights and a save that overwrites the good checkpoint with them."""
+    out = str(tmp_path / "rft")
+    common = SMALL + [f"--sft_dir={sft_dir}", f"--out_dir={out}", "--max_steps=4", "--num_threads=1"]
+    train_rft.main(common + ["--stop_after=2"])
+    good = _trained_tensors(out)
+    with pytest.raises(SystemExit, match="not finite; stopped before applying it"):
+        train_rft.main(common + ["--resume=true", "--beta=nan"])
+    kept = _trained_tensors(out)
+    assert all(torch.equal(good[n], kept[n]) for n in good)
+    assert json.load(open(os.path.join(out, "checkpoint", "config.json")))["extra"]["step"] == 2
+
+    sft = tmp_path / "sft"
+    cfg = dict(out_dir=str(sft), max_steps=4, batch_size=4, poseworld_size=120, retriever_pairs=120,
+               retriever_steps=2, retriever_batch=32, vocab_size=400, save_every=2, warmup_steps=2, num_threads=1)
+    train_sft.main(cfg=train_sft.SFTConfig(**cfg, stop_after=2))
+    good = _trained_tensors(sft)
+    with pytest.raises(SystemExit, match="step 3: the loss .* not finite"):
+        train_sft.main(cfg=train_sft.SFTConfig(**cfg, resume=True, joint_weight=float("nan")))
+    kept = _trained_tensors(sft)
+    assert all(torch.equal(good[n], kept[n]) and torch.isfinite(kept[n]).all() for n in good)
