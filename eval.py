@@ -389,6 +389,8 @@ def main(argv=None):
     p.add_argument("--h36m_npz", default="")
     p.add_argument("--h36m_images", default="")
     args = p.parse_args(argv)
+    if args.limit is not None and args.limit <= 0:
+        raise SystemExit(f"--limit={args.limit}: a positive number of test samples, or leave it out for all")
     if args.ckpt.startswith("--") or not os.path.isdir(args.ckpt):
         raise SystemExit(f"--ckpt: no checkpoint folder at {args.ckpt!r}")
     device = torch.device(args.device)

@@ -2565,6 +2565,20 @@ def save_checkpoint(model, tokenizer, out_dir, extra=None, train_state=None):
     return out_dir
 
 
+def _check_checkpoint_tokenizer(tokenizer, config, path):
+    """A checkpoint's tokenizer.json must hold <POSE> under the id the model reads it at, and no id the
+    embedding table lacks: otherwise generation never finds a pose, or indexes past the table."""
+    pose = tokenizer.token_to_id(POSE_TOKEN)
+    if pose != config.pose_token_id:
+        raise ValueError(f"{path}: {POSE_TOKEN} is {'missing' if pose is None else f'id {pose}'}, but the "
+                         f"model reads the pose at id {config.pose_token_id}; use the tokenizer.json saved "
+                         f"with these weights")
+    rows = config.llava.text_config.vocab_size
+    if tokenizer.vocab_size > max(rows, config.pose_token_id + 1):
+        raise ValueError(f"{path}: the vocabulary has {tokenizer.vocab_size} tokens but the weights have "
+                         f"{rows} embedding rows; use the tokenizer.json saved with these weights")
+
+
 def load_checkpoint(path, llava_path=None, pose_encoder_path=None, device="cpu", dtype=torch.float32, expect=None):
     """Rebuild a model saved by save_checkpoint -> (model, tokenizer, extra).
 
@@ -2601,6 +2615,7 @@ def load_checkpoint(path, llava_path=None, pose_encoder_path=None, device="cpu",
     if pose_encoder_path is not None:
         config.pose_encoder_path = str(pose_encoder_path)
     tokenizer = Tokenizer.from_file(str(files["tokenizer.json"]))
+    _check_checkpoint_tokenizer(tokenizer, config, files["tokenizer.json"])
 
     if config.preset == "tiny":
         with torch.device("meta"):  # every tensor comes from the file
@@ -2624,6 +2639,9 @@ def load_checkpoint(path, llava_path=None, pose_encoder_path=None, device="cpu",
                       for n in names if n in tensors and tensors[n].shape != params[n].shape]
         problems += [_name_keys(f"{kind} {what}", keys) for kind, keys in
                      (("missing", missing), ("unexpected", unexpected), ("shape mismatches of", mismatched)) if keys]
+    problems += [f"{n} holds {t.dtype} where the model has {params[n].dtype} (no silent cast of integers)"
+                 for n, t in list(stored.items()) + list(reference.items())
+                 if n in params and params[n].is_floating_point() and not t.is_floating_point()]
     if problems:
         raise ValueError(f"checkpoint {path} does not fit the model its config.json describes: " + "; ".join(problems))
     # tiny: the meta model's parameters are replaced by the file's (assign); 7B: copied into the built ones

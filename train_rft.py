@@ -260,7 +260,7 @@ def reward_context(cfg, weights, policy, tokenizer, device):
 
 
 def main(argv=None):
-    cfg = apply_overrides(RFTConfig(), sys.argv[1:] if argv is None else argv)
+    cfg = train_sft.check_config(apply_overrides(RFTConfig(), sys.argv[1:] if argv is None else argv))
     if cfg.algo not in ("hygrpo", "grpo"):
         raise SystemExit(f"--algo must be hygrpo or grpo, got {cfg.algo!r}")
     if cfg.pose_kl not in ("k3", "exact"):

@@ -30,6 +30,7 @@ import functools
 import json
 import math
 import os
+import pickle
 import sys
 import time
 from dataclasses import dataclass
@@ -96,6 +97,53 @@ class SFTConfig:
     save_every: int = 200
     stop_after: int = 0              # stop after this many steps of this invocation (saved; --resume goes on)
     num_threads: int = 0             # torch CPU threads; 0 = torch's default
+
+
+# Spellings of --dtype: what each means. float16 is refused rather than run in float32: it needs loss
+# scaling, which these scripts do not do.
+DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16"}
+# Counts that must be at least 1 (0 would divide by zero, never save, or train nothing), where present.
+POSITIVE_FIELDS = ("max_steps", "batch_size", "save_every", "log_every", "gallery_every", "inner_epochs",
+                   "poseworld_size", "image_size", "eval_size", "vocab_size", "retriever_pairs",
+                   "retriever_steps", "retriever_batch")
+
+
+def check_config(cfg):
+    """Validate a config once, at the top of a script (SFTConfig or train_rft.RFTConfig), so a bad setting
+    is one message naming the flag and what it allows, not a deep traceback, a silent fp32 run or a
+    wrong result. Normalises --dtype's aliases in place. Returns cfg."""
+    problems = []
+    for f in dataclasses.fields(cfg):  # a config built in Python (main(cfg=...)) is not typed by the parser
+        value, want = getattr(cfg, f.name), type(f.default)
+        if type(value) is not want and not (want is float and type(value) is int):
+            problems.append(f"--{f.name}={value!r} must be a {want.__name__}")
+    if problems:
+        raise SystemExit("bad settings:\n  " + "\n  ".join(problems))
+    if cfg.dtype.lower() in DTYPES:
+        cfg.dtype = DTYPES[cfg.dtype.lower()]
+    else:
+        problems.append(f"--dtype={cfg.dtype!r}: allowed {', '.join(DTYPES)} (float16 is not supported: "
+                        f"it needs loss scaling; use bfloat16)")
+    if cfg.preset not in M.PRESETS:
+        problems.append(f"--preset={cfg.preset!r}: allowed {', '.join(M.PRESETS)}")
+    for name in POSITIVE_FIELDS:
+        if hasattr(cfg, name) and getattr(cfg, name) < 1:
+            problems.append(f"--{name}={getattr(cfg, name)}: must be at least 1")
+    if cfg.stop_after < 0:
+        problems.append(f"--stop_after={cfg.stop_after}: 0 (run to --max_steps) or a number of steps")
+    if hasattr(cfg, "G") and cfg.G < 2:
+        problems.append(f"--G={cfg.G}: at least 2 candidates per prompt (Eq. 16 compares each with its group; "
+                        f"with 1 every advantage is 0)")
+    if hasattr(cfg, "temperature") and not cfg.temperature > 0:
+        problems.append(f"--temperature={cfg.temperature}: must be > 0 in RFT (0 is greedy decoding: the G "
+                        f"candidates coincide and the sampling policy has no log-probabilities)")
+    if hasattr(cfg, "clip_eps") and not cfg.clip_eps >= 0:
+        problems.append(f"--clip_eps={cfg.clip_eps}: must be >= 0 (the ratio is clipped to [1 - eps, 1 + eps])")
+    if hasattr(cfg, "top_p") and not 0 < cfg.top_p <= 1:
+        problems.append(f"--top_p={cfg.top_p}: must be in (0, 1]")
+    if problems:
+        raise SystemExit("bad settings:\n  " + "\n  ".join(problems))
+    return cfg
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -203,7 +251,11 @@ def load_train_state(out_dir):
         raise SystemExit(f"--resume: no {path}; start without --resume, or point --out_dir at a run "
                          f"that saved a checkpoint")
     # our own file, but still: weights_only keeps a tampered file from running code
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
+        raise SystemExit(f"--resume: {path} is not readable ({type(e).__name__}: {e}); it is empty or "
+                         f"damaged. Start without --resume, or restore the file") from None
 
 
 def pose_joints(body_model, p):
@@ -354,7 +406,7 @@ def build_policy(cfg, tokenizer, device):
 
 
 def main(argv=None, cfg=None):
-    cfg = cfg or apply_overrides(SFTConfig(), sys.argv[1:] if argv is None else argv)
+    cfg = check_config(cfg or apply_overrides(SFTConfig(), sys.argv[1:] if argv is None else argv))
     rank, world_size, device = setup_distributed(cfg.device)
     master = rank == 0
     if cfg.num_threads:

@@ -189,3 +189,70 @@ def test_nonfinite_step_stops_and_keeps_last_good_checkpoint(sft_dir, tmp_path):
         train_sft.main(cfg=train_sft.SFTConfig(**cfg, resume=True, joint_weight=float("nan")))
     kept = _trained_tensors(sft)
     assert all(torch.equal(good[n], kept[n]) and torch.isfinite(kept[n]).all() for n in good)
+
+
+def test_bad_settings_are_one_clear_error():
+    """Each setting that used to be silent, a deep traceback or a wrong result is refused once, at the
+    top, naming the flag: float16 (ran in float32), zero counts (division by zero, never saving), G=1 (all
+    advantages 0), greedy RFT, a negative clip, an unknown preset (reported a missing tokenizer.json),
+    numbers given as strings; and bf16 is read as bfloat16."""
+    rft, sft = train_rft.RFTConfig, train_sft.SFTConfig
+    assert train_sft.check_config(rft(dtype="bf16")).dtype == "bfloat16"
+    assert train_sft.check_config(sft(dtype="fp32")).dtype == "float32"
+    bad = [(rft(dtype="float16"), "--dtype='float16'.*bfloat16"), (rft(max_steps=0), "--max_steps=0"),
+           (sft(max_steps=-3), "--max_steps=-3"), (rft(batch_size=0), "--batch_size=0"), (rft(G=1), "--G=1"),
+           (rft(temperature=0.0), "--temperature=0.0"), (rft(clip_eps=-0.1), "--clip_eps=-0.1"),
+           (rft(inner_epochs=0), "--inner_epochs=0"), (rft(save_every=0), "--save_every=0"),
+           (sft(log_every=0), "--log_every=0"), (rft(gallery_every=0), "--gallery_every=0"),
+           (sft(preset="unknown"), "--preset='unknown'.*tiny, llava-1.5-7b"),
+           (sft(poseworld_size="120"), "--poseworld_size='120' must be a int")]
+    for cfg, message in bad:
+        with pytest.raises(SystemExit, match=message):
+            train_sft.check_config(cfg)
+    # and the scripts check before doing anything else
+    with pytest.raises(SystemExit, match="--preset='unknown'"):
+        train_rft.main(["--preset=unknown", "--sft_dir=/nonexistent"])
+    with pytest.raises(SystemExit, match="--batch_size=0"):
+        train_sft.main(["--batch_size=0", "--out_dir=/nonexistent/sft"])
+    import eval as E
+    with pytest.raises(SystemExit, match="--limit=0"):
+        E.main(["--ckpt=/nonexistent", "--limit=0"])
+
+
+def test_damaged_files_are_errors_naming_them(sft_dir, tmp_path):
+    """A checkpoint whose tokenizer.json lacks <POSE> or has more tokens than the weights have rows, integer
+    weights where the model has floats (used to be cast silently), a corrupt retriever config.json or
+    safetensors, and an empty train_state.pt: each an error naming the file."""
+    import model as M
+    import rewards
+    run = tmp_path / "run"
+    shutil.copytree(sft_dir, run)
+    tok_path = run / "checkpoint" / "tokenizer.json"
+    text = tok_path.read_text()
+    spec = json.loads(text)
+    tok_path.write_text(text.replace('"<POSE>"', '"<PSE>"'))  # the token renamed: the file has no <POSE>
+    with pytest.raises(ValueError, match=r"tokenizer\.json: <POSE> is missing"):
+        M.load_checkpoint(run)
+    more = dict(spec, added_tokens=spec["added_tokens"] + [
+        {**spec["added_tokens"][-1], "id": 5000 + i, "content": f"<extra{i}>"} for i in range(3)])
+    json.dump(more, open(tok_path, "w"))
+    with pytest.raises(ValueError, match=r"tokenizer\.json: the vocabulary has .* embedding rows"):
+        M.load_checkpoint(run)
+    json.dump(spec, open(tok_path, "w"))
+    tensors = _trained_tensors(run)
+    name = next(n for n in tensors if n.endswith("pose_head.fc1.weight"))
+    tensors[name] = tensors[name].round().to(torch.int32)
+    save_file(tensors, str(run / "checkpoint" / "model.safetensors"))
+    with pytest.raises(ValueError, match=rf"{name} holds torch.int32 where the model has torch.float32"):
+        M.load_checkpoint(run)
+
+    folder = run / "retriever_eval"
+    (folder / "model.safetensors").write_bytes(b"\x00" * 7)
+    with pytest.raises(ValueError, match=r"retriever_eval/model\.safetensors: not a readable safetensors"):
+        rewards.PoseTextRetriever.load(str(folder))
+    (folder / "config.json").write_text('{"config": {"vocab_')
+    with pytest.raises(ValueError, match=r"retriever_eval/config\.json: not a retriever config\.json"):
+        rewards.PoseTextRetriever.load(str(folder))
+    (run / "checkpoint" / "train_state.pt").write_bytes(b"")
+    with pytest.raises(SystemExit, match=r"checkpoint/train_state\.pt is not readable"):
+        train_sft.load_train_state(str(run))
