@@ -2525,6 +2525,41 @@ def checkpoint_dir(path):
     return path if (path / "config.json").is_file() or not (path / CHECKPOINT_DIR).is_dir() else path / CHECKPOINT_DIR
 
 
+def _swap_folders(out_dir):
+    """The two temporary folders of save_checkpoint's swap, named after the checkpoint (not the process),
+    so that a later run finds what a killed one left: the new checkpoint being written, the old one
+    being replaced."""
+    out_dir = Path(out_dir)
+    return out_dir.parent / f".{out_dir.name}.tmp", out_dir.parent / f".{out_dir.name}.old"
+
+
+def recover_checkpoint(out_dir):
+    """Finish or roll back a checkpoint swap that a killed run left half-done; call before reading or
+    writing out_dir. The swap writes everything into `tmp`, then renames out_dir -> old, tmp -> out_dir,
+    and deletes old. So: out_dir present -> any tmp is an unfinished write and any old a leftover, both
+    deleted; out_dir missing but old present -> killed between the renames: tmp is complete (it was
+    finished before the first rename) and becomes out_dir, else old goes back. Returns what it did."""
+    out_dir = Path(out_dir)
+    tmp, old = _swap_folders(out_dir)
+    if out_dir.exists():
+        done = [f.name for f in (tmp, old) if f.exists()]
+        for f in (tmp, old):
+            if f.exists():
+                shutil.rmtree(f)
+        return f"removed {', '.join(done)}" if done else ""
+    if old.exists() and tmp.exists():
+        os.replace(tmp, out_dir)
+        shutil.rmtree(old)
+        return f"finished the swap: {tmp.name} -> {out_dir.name}"
+    if old.exists():
+        os.replace(old, out_dir)
+        return f"rolled back the swap: {old.name} -> {out_dir.name}"
+    if tmp.exists():  # a first save that never reached its rename: not known to be complete
+        shutil.rmtree(tmp)
+        return f"removed {tmp.name}"
+    return ""
+
+
 def save_checkpoint(model, tokenizer, out_dir, extra=None, train_state=None):
     """Write the checkpoint folder `out_dir` (a run writes out/<run>/checkpoint) atomically: everything
     goes into a temporary folder beside it, which then replaces `out_dir` by rename, so a reader sees the
@@ -2545,11 +2580,10 @@ def save_checkpoint(model, tokenizer, out_dir, extra=None, train_state=None):
     if model._reference is not None:
         tensors.update({f"reference.{n}": t.detach().cpu().contiguous() for n, t in model._reference.items()})
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp{os.getpid()}"
-    old = out_dir.parent / f".{out_dir.name}.old{os.getpid()}"
-    for stale in (tmp, old):
-        if stale.exists():
-            shutil.rmtree(stale)
+    tmp, old = _swap_folders(out_dir)
+    recover_checkpoint(out_dir)  # a swap a killed run left half-done: finished or rolled back first
+    if tmp.exists():
+        shutil.rmtree(tmp)
     tmp.mkdir()
     save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     (tmp / "config.json").write_text(meta_json)
