@@ -32,7 +32,6 @@ and the image-to-pose target is the pose in the camera frame: global_orient_cam 
 """
 from __future__ import annotations
 
-import codecs
 import functools
 import hashlib
 import json
@@ -1622,46 +1621,17 @@ def _check_shape(array: np.ndarray, shape: tuple, name: str, path: str) -> None:
         raise ValueError(f"{path}: {name} has shape {array.shape}, expected {want}")
 
 
-# The pickled globals a numpy-only pickle needs; every one of them only rebuilds arrays / dtypes / bytes.
-def _numpy_pickle_globals() -> dict:
-    try:  # numpy >= 2
-        from numpy._core import multiarray, numeric
-    except ImportError:  # numpy 1.x
-        from numpy.core import multiarray, numeric
-    allowed = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype,
-               ("_codecs", "encode"): codecs.encode}  # how Python 3 protocol-2 pickles write bytes
-    for package in ("numpy.core", "numpy._core"):  # files from numpy 1 name numpy.core, numpy 2 numpy._core
-        allowed[(f"{package}.multiarray", "_reconstruct")] = multiarray._reconstruct
-        allowed[(f"{package}.multiarray", "scalar")] = multiarray.scalar
-        allowed[(f"{package}.numeric", "_frombuffer")] = numeric._frombuffer  # protocol-5 arrays
-    return allowed
-
-
-_NUMPY_PICKLE_GLOBALS = _numpy_pickle_globals()
-
-
-class _NumpyOnlyUnpickler(pickle.Unpickler):
-    """A pickle can call any importable function while it loads; this one may only rebuild numpy arrays."""
-
-    def find_class(self, module, name):
-        obj = _NUMPY_PICKLE_GLOBALS.get((module, name))
-        if obj is None:
-            raise pickle.UnpicklingError(f"refusing to load {module}.{name}: only numpy arrays, lists, dicts, "
-                                         "strings and numbers are allowed in this file")
-        return obj
-
-
 def load_numpy_pickle(path: str, what: str):
-    """Load a pickle that holds only numpy arrays and Python containers, without running any code.
-    encoding='latin1' reads Python-2 pickles (the 3DPW release): their str become str, and numpy accepts
-    latin-1 strings as raw array data."""
+    """Load a pickle that holds only numpy arrays and Python containers, without running any code: the
+    project's one restricted unpickler (smpl.load_pickle) with numpy's globals alone, which also refuses
+    object arrays and pickles too deep or too large for their size. encoding='latin1' reads Python-2
+    pickles (the 3DPW release): their str become str, and numpy accepts latin-1 strings as raw array data."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{what} not found: {path}")
-    with open(path, "rb") as f:
-        try:
-            return _NumpyOnlyUnpickler(f, encoding="latin1").load()
-        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError) as e:
-            raise ValueError(f"{path}: cannot load {what} ({type(e).__name__}: {e})") from e
+    try:
+        return smpl.load_pickle(path, allow=("numpy",))
+    except smpl.PickleFileError as e:
+        raise ValueError(f"{path}: cannot load {what} ({e.problem})") from None
 
 
 def _rotate_global_orient(R: torch.Tensor, global_orient: torch.Tensor) -> torch.Tensor:

@@ -120,12 +120,16 @@ def recall_at_k(text_emb: torch.Tensor, pose_emb: torch.Tensor, ks: Sequence[int
     a collapsed policy that gives every caption the same pose makes all candidates tie, and must score
     at chance or below, not 100%. Returns {"t2p@5": ..., "p2t@5": ..., ...} in percent; with
     per_query=True, each query's hit (100 or 0) instead, (N,) tensors, for paired standard errors.
+    A K that is not below N gives NaN: every ground truth is then within the top K, and 100% would
+    measure nothing.
     """
     S = _similarity(text_emb, pose_emb, "recall_at_k")  # (N, N) S[i, j] = cos(text i, pose j)
     gt = S.diagonal()  # (N,)
     rank_t2p = (S >= gt[:, None]).sum(1)  # (N,) text i ranks the N poses; counts itself, so >= 1
     rank_p2t = (S >= gt[None, :]).sum(0)  # (N,) pose j ranks the N texts (column j)
-    return (_recall_hits if per_query else _recalls)(rank_t2p, rank_p2t, ks)
+    out = (_recall_hits if per_query else _recalls)(rank_t2p, rank_p2t, ks)
+    too_few = lambda key: int(key.split("@")[1]) >= S.shape[0]  # noqa: E731
+    return {key: (v * float("nan") if too_few(key) else v) for key, v in out.items()}
 
 
 def recall_at_k_sampled(text_emb: torch.Tensor, pose_emb: torch.Tensor, ks: Sequence[int] = (5, 10, 20),
@@ -244,6 +248,17 @@ def mean_pose(poses: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def refuse_nonfinite_weights(policy):
+    """A model with NaN or infinite weights is an error, not a row of ordinary figures: its NaN poses
+    would fail the format check, become the rest pose, and score like a weak but healthy model."""
+    if not isinstance(policy, torch.nn.Module):  # a stand-in (tests) has no weights to check
+        return
+    bad = [name for name, t in policy.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise ValueError(f"the model's weights are not finite (NaN or inf) in {len(bad)} tensors, e.g. "
+                         f"{', '.join(bad[:3])}: it cannot be evaluated (was it saved from a diverged run?)")
+
+
 def evaluate(policy, tokenizer, dataset, body_model, retrievers: dict, embedder, limit: int | None = None,
              batch_size: int = 64, device="cpu", progress: bool = True, seed: int = 0,
              baseline_poses: dict | None = None, agreement_prompts: int = 0, G: int = 8) -> dict:
@@ -268,6 +283,7 @@ def evaluate(policy, tokenizer, dataset, body_model, retrievers: dict, embedder,
     import smpl
     import train_sft
     from tqdm import tqdm
+    refuse_nonfinite_weights(policy)
     n = len(dataset) if limit is None else min(limit, len(dataset))
     idx = list(range(n))
     texts, mus, valids = [], [], []
@@ -585,6 +601,8 @@ def main(argv=None):
     p.add_argument("--h36m_npz", default="")
     p.add_argument("--h36m_images", default="")
     args = p.parse_args(argv)
+    if args.limit is not None and args.limit <= 0:
+        raise SystemExit(f"--limit={args.limit}: a positive number of test samples, or leave it out for all")
     if args.ckpt.startswith("--") or not os.path.isdir(args.ckpt):
         raise SystemExit(f"--ckpt: no checkpoint folder at {args.ckpt!r}")
     device = torch.device(args.device)

@@ -131,6 +131,10 @@ def group_advantages(rewards: torch.Tensor, valid: torch.Tensor | None = None, G
         raise ValueError("a valid candidate has a NaN or infinite reward; rewards must be finite "
                          "(mark candidates without a score invalid instead)")
 
+    # float64 throughout: in float32, rewards near 1e6 that differ by 0.06 lose their differences to
+    # round-off, and rewards of 1e20 square to inf in the variance and give all-zero advantages
+    out_dtype = r.dtype
+    r = r.double()  # (P, G)
     r0 = torch.where(v, r, torch.zeros_like(r))  # (P, G) invalid slots may hold NaN: zero them first
     n = v.sum(-1, keepdim=True)  # (P, 1) valid members per group
     mean = r0.sum(-1, keepdim=True) / n.clamp(min=1)  # (P, 1)
@@ -142,7 +146,7 @@ def group_advantages(rewards: torch.Tensor, valid: torch.Tensor | None = None, G
     lo = torch.where(v, r0, torch.full_like(r, math.inf)).amin(-1, keepdim=True)  # (P, 1)
     spread = hi > lo  # (P, 1) false for 0 or 1 valid members, or all equal
     adv = torch.where(v & spread, dev / (std + eps), torch.zeros_like(r))  # (P, G)
-    return adv.reshape(rewards.shape)
+    return adv.to(out_dtype).reshape(rewards.shape)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -34,9 +34,7 @@ Module and parameter names follow Hugging Face (`language_model.model.layers.0.s
 our `state_dict()` is exactly what transformers' `save_pretrained` writes for LLaVA, loading any other
 layout is a prefix rename, and LoRA can wrap the attention's `nn.Linear` children by name.
 """
-import collections
 import contextlib
-import functools
 import heapq
 import json
 import math
@@ -1682,59 +1680,12 @@ _HMR2_HINT = ("The pose-aware encoder f_b is HMR2.0's ViT-H backbone (4D-Humans,
               "backbone.* tensors.")
 
 
-class _InertConfig(dict):
-    """Stands in for a pickled configuration object (OmegaConf's DictConfig, ListConfig and nodes, yacs'
-    CfgNode, typing.Any): keeps the items, arguments and state the pickle gives it as plain data and runs
-    none of the original class's code. Only the tensors of the checkpoint are used."""
-    pickled_class = "?"
-
-    def __init__(self, *args):  # a REDUCE opcode calls the class
-        super().__init__()
-        self.args = args
-
-    def __setstate__(self, state):  # a BUILD opcode
-        self.state = state
-
-
-@functools.lru_cache(maxsize=None)
-def _inert_config_class(module, name):
-    return type(name, (_InertConfig,), {"pickled_class": f"{module}.{name}"})
-
-
-_CONFIG_MODULES = ("omegaconf", "yacs", "typing")  # their classes become _InertConfig stand-ins
-_PLAIN_TYPES = {t.__name__: t for t in (dict, list, tuple, set, frozenset, int, float, complex, str, bool)}
-_PLAIN_TYPES["long"] = int  # Python 2's name, as protocol-2 pickles may write it
-_TORCH_GLOBALS = {
-    ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,  # every tensor of torch.save
-    ("torch._utils", "_rebuild_parameter"): torch._utils._rebuild_parameter,
-    ("torch._utils", "_rebuild_parameter_with_state"): torch._utils._rebuild_parameter_with_state,
-    ("torch", "Size"): torch.Size,
-    ("torch", "device"): torch.device,
-    ("collections", "OrderedDict"): collections.OrderedDict,  # state_dict() and _rebuild_tensor_v2's hooks
-    ("collections", "defaultdict"): collections.defaultdict,  # OmegaConf's resolver cache
-}
-
-
-class _RefusedGlobal(pickle.UnpicklingError):
-    """The pickle names a class or function that _CheckpointUnpickler does not build."""
-
-
-class _CheckpointUnpickler(pickle.Unpickler):
-    """Builds tensors (torch's own rebuild functions; torch.load handles the storages), plain containers
-    and scalars, torch dtypes, and inert stand-ins for config objects. Any other global (os.system,
-    builtins.exec, a model class, ...) is refused before it can be called."""
-
-    def find_class(self, module, name):
-        module = "builtins" if module == "__builtin__" else module  # protocol 2 writes Python 2's name
-        if module == "builtins" and name in _PLAIN_TYPES:
-            return _PLAIN_TYPES[name]
-        if (module, name) in _TORCH_GLOBALS:
-            return _TORCH_GLOBALS[(module, name)]
-        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-            return getattr(torch, name)
-        if module.split(".")[0] in _CONFIG_MODULES:
-            return _inert_config_class(module, name)
-        raise _RefusedGlobal(f"refusing to load {module}.{name}")
+class _CheckpointUnpickler(smpl.RestrictedUnpickler):
+    """The project's restricted unpickler (smpl.RestrictedUnpickler) narrowed to what a Lightning
+    checkpoint holds: tensors (torch's own rebuild functions; torch.load handles the storages), plain
+    containers and scalars, torch dtypes, and inert stand-ins for config objects. Any other global
+    (os.system, builtins.exec, a model class, numpy arrays, ...) is refused before it can be called."""
+    allow = ("builtins", "torch", "config")
 
 
 def _restricted_load(file, **kwargs):
@@ -1746,6 +1697,14 @@ _RESTRICTED_PICKLE = types.SimpleNamespace(__name__="restricted_pickle", Unpickl
                                            load=_restricted_load)
 
 
+def _checked_checkpoint(state, path, size):
+    """What torch.load built, checked for depth and size like every pickle the project reads."""
+    try:
+        return smpl._checked_tree(state, path, size)
+    except smpl.PickleFileError as e:
+        raise ValueError(f"{e}. {_HMR2_HINT}") from None
+
+
 def _torch_load_safely(path):
     """torch.load without executing pickled code: weights_only first (torch's hardened unpickler), then, if
     it refused a class, our unpickler that also reads config objects as inert data and refuses the rest.
@@ -1753,15 +1712,16 @@ def _torch_load_safely(path):
     config of a 2.5 GB HMR2.0 checkpoint costs little, and loading it holds no second copy."""
     mmap = zipfile.is_zipfile(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        return _checked_checkpoint(torch.load(path, map_location="cpu", weights_only=True, mmap=mmap), path,
+                                   os.path.getsize(path))
     except pickle.UnpicklingError:
         pass  # most likely the pickled training config; retried below
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
+    except (RuntimeError, EOFError, OSError) as e:
         raise ValueError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}: {e}). "
                          f"{_HMR2_HINT}") from None
     try:
-        return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_RESTRICTED_PICKLE, mmap=mmap)
-    except _RefusedGlobal as e:
+        state = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_RESTRICTED_PICKLE, mmap=mmap)
+    except smpl.UnsafePickleError as e:
         raise ValueError(
             f"{path}: {e}. A pose-encoder checkpoint may hold tensors and plain config data only; loading "
             f"this object would run code from the file, so it was not loaded. If you trust the file, "
@@ -1771,6 +1731,7 @@ def _torch_load_safely(path):
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, TypeError, AttributeError) as e:
         raise ValueError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}: {e}). "
                          f"{_HMR2_HINT}") from None
+    return _checked_checkpoint(state, path, os.path.getsize(path))  # depth and size, like every pickle
 
 
 def read_pose_encoder_state(path):
@@ -2584,6 +2545,41 @@ def checkpoint_dir(path):
     return path if (path / "config.json").is_file() or not (path / CHECKPOINT_DIR).is_dir() else path / CHECKPOINT_DIR
 
 
+def _swap_folders(out_dir):
+    """The two temporary folders of save_checkpoint's swap, named after the checkpoint (not the process),
+    so that a later run finds what a killed one left: the new checkpoint being written, the old one
+    being replaced."""
+    out_dir = Path(out_dir)
+    return out_dir.parent / f".{out_dir.name}.tmp", out_dir.parent / f".{out_dir.name}.old"
+
+
+def recover_checkpoint(out_dir):
+    """Finish or roll back a checkpoint swap that a killed run left half-done; call before reading or
+    writing out_dir. The swap writes everything into `tmp`, then renames out_dir -> old, tmp -> out_dir,
+    and deletes old. So: out_dir present -> any tmp is an unfinished write and any old a leftover, both
+    deleted; out_dir missing but old present -> killed between the renames: tmp is complete (it was
+    finished before the first rename) and becomes out_dir, else old goes back. Returns what it did."""
+    out_dir = Path(out_dir)
+    tmp, old = _swap_folders(out_dir)
+    if out_dir.exists():
+        done = [f.name for f in (tmp, old) if f.exists()]
+        for f in (tmp, old):
+            if f.exists():
+                shutil.rmtree(f)
+        return f"removed {', '.join(done)}" if done else ""
+    if old.exists() and tmp.exists():
+        os.replace(tmp, out_dir)
+        shutil.rmtree(old)
+        return f"finished the swap: {tmp.name} -> {out_dir.name}"
+    if old.exists():
+        os.replace(old, out_dir)
+        return f"rolled back the swap: {old.name} -> {out_dir.name}"
+    if tmp.exists():  # a first save that never reached its rename: not known to be complete
+        shutil.rmtree(tmp)
+        return f"removed {tmp.name}"
+    return ""
+
+
 def save_checkpoint(model, tokenizer, out_dir, extra=None, train_state=None):
     """Write the checkpoint folder `out_dir` (a run writes out/<run>/checkpoint) atomically: everything
     goes into a temporary folder beside it, which then replaces `out_dir` by rename, so a reader sees the
@@ -2604,11 +2600,10 @@ def save_checkpoint(model, tokenizer, out_dir, extra=None, train_state=None):
     if model._reference is not None:
         tensors.update({f"reference.{n}": t.detach().cpu().contiguous() for n, t in model._reference.items()})
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp{os.getpid()}"
-    old = out_dir.parent / f".{out_dir.name}.old{os.getpid()}"
-    for stale in (tmp, old):
-        if stale.exists():
-            shutil.rmtree(stale)
+    tmp, old = _swap_folders(out_dir)
+    recover_checkpoint(out_dir)  # a swap a killed run left half-done: finished or rolled back first
+    if tmp.exists():
+        shutil.rmtree(tmp)
     tmp.mkdir()
     save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     (tmp / "config.json").write_text(meta_json)
@@ -2622,6 +2617,20 @@ def save_checkpoint(model, tokenizer, out_dir, extra=None, train_state=None):
     else:
         os.replace(tmp, out_dir)
     return out_dir
+
+
+def _check_checkpoint_tokenizer(tokenizer, config, path):
+    """A checkpoint's tokenizer.json must hold <POSE> under the id the model reads it at, and no id the
+    embedding table lacks: otherwise generation never finds a pose, or indexes past the table."""
+    pose = tokenizer.token_to_id(POSE_TOKEN)
+    if pose != config.pose_token_id:
+        raise ValueError(f"{path}: {POSE_TOKEN} is {'missing' if pose is None else f'id {pose}'}, but the "
+                         f"model reads the pose at id {config.pose_token_id}; use the tokenizer.json saved "
+                         f"with these weights")
+    rows = config.llava.text_config.vocab_size
+    if tokenizer.vocab_size > max(rows, config.pose_token_id + 1):
+        raise ValueError(f"{path}: the vocabulary has {tokenizer.vocab_size} tokens but the weights have "
+                         f"{rows} embedding rows; use the tokenizer.json saved with these weights")
 
 
 def load_checkpoint(path, llava_path=None, pose_encoder_path=None, device="cpu", dtype=torch.float32, expect=None):
@@ -2660,6 +2669,7 @@ def load_checkpoint(path, llava_path=None, pose_encoder_path=None, device="cpu",
     if pose_encoder_path is not None:
         config.pose_encoder_path = str(pose_encoder_path)
     tokenizer = Tokenizer.from_file(str(files["tokenizer.json"]))
+    _check_checkpoint_tokenizer(tokenizer, config, files["tokenizer.json"])
 
     if config.preset == "tiny":
         with torch.device("meta"):  # every tensor comes from the file
@@ -2683,6 +2693,9 @@ def load_checkpoint(path, llava_path=None, pose_encoder_path=None, device="cpu",
                       for n in names if n in tensors and tensors[n].shape != params[n].shape]
         problems += [_name_keys(f"{kind} {what}", keys) for kind, keys in
                      (("missing", missing), ("unexpected", unexpected), ("shape mismatches of", mismatched)) if keys]
+    problems += [f"{n} holds {t.dtype} where the model has {params[n].dtype} (no silent cast of integers)"
+                 for n, t in list(stored.items()) + list(reference.items())
+                 if n in params and params[n].is_floating_point() and not t.is_floating_point()]
     if problems:
         raise ValueError(f"checkpoint {path} does not fit the model its config.json describes: " + "; ".join(problems))
     # tiny: the meta model's parameters are replaced by the file's (assign); 7B: copied into the built ones

@@ -51,6 +51,7 @@ from typing import Callable, Protocol, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
@@ -1282,8 +1283,14 @@ class PoseTextRetriever(nn.Module):
                 raise FileNotFoundError(f"retriever file not found: {files[key]} (its {key}). Expected a folder "
                                         f"written by PoseTextRetriever.save; train_sft.py trains and saves "
                                         f"the retrievers (rewards.train_retriever).")
-        with open(files["config"], encoding="utf-8") as f:
-            raw = json.load(f).get("config", {})
+        try:
+            with open(files["config"], encoding="utf-8") as f:
+                raw = json.load(f).get("config", {})
+            if not isinstance(raw, dict):
+                raise ValueError(f"'config' is a {type(raw).__name__}, not a dict")
+        except (ValueError, AttributeError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            raise ValueError(f"{files['config']}: not a retriever config.json ({type(e).__name__}: {e}); "
+                             f"retrain the retrievers (delete the folder and rerun train_sft.py)") from None
         names = {fd.name for fd in fields(RetrieverConfig)}
         if set(raw) != names:
             raise ValueError(f"{files['config']}: config fields differ from RetrieverConfig: unknown "
@@ -1299,7 +1306,11 @@ class PoseTextRetriever(nn.Module):
                              f"vocab {tokenizer.vocab_size}, fingerprint {fingerprint}. Pass the tokenizer "
                              f"of the same run, or none to use the folder's tokenizer.json.")
         retriever = cls(cfg, tokenizer)
-        state = load_file(files["weights"])
+        try:
+            state = load_file(files["weights"])
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"{files['weights']}: not a readable safetensors file ({e}); retrain the "
+                             f"retrievers (delete the folder and rerun train_sft.py)") from None
         expected = {k: tuple(v.shape) for k, v in retriever.state_dict().items()}
         found = {k: tuple(v.shape) for k, v in state.items()}
         if expected != found:

@@ -34,6 +34,7 @@ Conventions:
 """
 from __future__ import annotations
 
+import collections
 import functools
 import os
 import pickle
@@ -418,15 +419,130 @@ def _reconstructor(cls, base, state):
     """copy_reg._reconstructor, as protocol 0/1 pickles of plain classes call it, limited to our stand-ins."""
     if not (isinstance(cls, type) and issubclass(cls, (_ChumpyStandIn, _SparseStandIn)) and base is object
             and state is None):
-        raise pickle.UnpicklingError(f"refusing copy_reg._reconstructor({cls!r}, {base!r}, {state!r})")
+        raise UnsafePickleError(f"refusing copy_reg._reconstructor({cls!r}, {base!r}, {state!r})")
     return object.__new__(cls)
 
 
 def _latin1_encode(text, encoding="latin1"):
     """_codecs.encode as Python 3 protocol-2 pickles use it for bytes; only the latin-1 round trip."""
-    if not isinstance(text, str) or encoding.lower().replace("-", "") != "latin1":
-        raise pickle.UnpicklingError(f"refusing _codecs.encode with encoding {encoding!r}")
+    if not isinstance(text, str) or not isinstance(encoding, str) or \
+            encoding.lower().replace("-", "") != "latin1":
+        raise UnsafePickleError(f"refusing _codecs.encode with encoding {encoding!r}")
     return text.encode("latin1")
+
+
+# ----------------------------------------------------------------------------------------------------
+# One restricted unpickler for every pickle the project reads (SMPL and regressor files here, 3DPW's
+# sequence files in data.py, HMR2.0's Lightning checkpoint in model.py), so a fix lands once. Three
+# defences, each because a plain or merely name-restricted unpickler was beaten by it:
+# 1. Globals: only what _PICKLE_ALLOW_LIST names, and of that only the groups the caller allows.
+# 2. Object arrays: numpy's ndarray.__setstate__ copies raw bytes into the array. If the dtype holds
+#    Python objects, those bytes become pointers, and reading them crashes the interpreter (SIGSEGV). A
+#    forged dtype state clears the flag behind dtype.hasobject, so the dtype's type codes are checked
+#    (kind "O", in every field and subarray) when the dtype is built and again before an array's bytes
+#    are read.
+# 3. Size and depth: the memo lets a 20 kB pickle refer to one list millions of times, which np.asarray
+#    then expands to hundreds of MB, and an object may contain itself. After loading, the object tree is
+#    walked as a tree (shared objects counted at each use) and refused past MAX_PICKLE_DEPTH levels or
+#    past a size proportional to the file's (_size_limit).
+
+MAX_PICKLE_DEPTH = 100  # real files nest under 20 levels (HMR2.0's OmegaConf config is the deepest)
+
+
+class UnsafePickleError(pickle.UnpicklingError):
+    """The pickle names a global we do not build, holds an object array, or is too deep or too large."""
+
+
+class PickleFileError(ValueError):
+    """A pickle file that was refused or could not be read; the message names the file."""
+
+    def __init__(self, path, problem: str):
+        super().__init__(f"{path}: {problem}")
+        self.path, self.problem = path, problem
+
+
+def _dtype_holds_objects(dt: np.dtype) -> bool:
+    """Whether a dtype is, or contains in a field or subarray, Python objects. Reads the type codes
+    (kind "O"), never dtype.hasobject, which is a flag the pickled dtype state sets."""
+    if dt.kind == "O":
+        return True
+    if dt.subdtype is not None and _dtype_holds_objects(dt.subdtype[0]):
+        return True
+    return any(_dtype_holds_objects(field[0]) for field in (dt.fields or {}).values())
+
+
+def _refuse_object_dtype(dt):
+    if not isinstance(dt, np.dtype):
+        raise UnsafePickleError(f"refusing an array whose dtype is a {type(dt).__name__}, not a numpy dtype")
+    if _dtype_holds_objects(dt) or dt.hasobject:
+        raise UnsafePickleError(f"refusing an array of dtype {dt!r}: it holds Python objects, which a pickle "
+                                f"may forge from raw bytes (numeric arrays only)")
+    return dt
+
+
+def _checked_dtype(spec, align=False, copy=False):
+    """numpy.dtype(spec, align, copy) as a pickle calls it, refusing object types before the dtype's
+    pickled state (which may forge its flags) is applied."""
+    if not isinstance(spec, (str, bytes)):
+        raise UnsafePickleError(f"refusing numpy.dtype({type(spec).__name__}): only type strings")
+    return _refuse_object_dtype(np.dtype(spec, bool(align), bool(copy)))
+
+
+class _PickledArray(np.ndarray):
+    """What a pickled array is built as, so that its state is checked before numpy reads any bytes:
+    (version, shape, dtype, is_fortran, raw data), or the same without the version. The tree walk of
+    _checked_tree turns each into a plain ndarray view."""
+
+    def __setstate__(self, state):
+        if not isinstance(state, tuple) or len(state) not in (4, 5):
+            raise UnsafePickleError("refusing an array state that is not numpy's")
+        _refuse_object_dtype(state[-3])
+        super().__setstate__(state)
+
+
+class _NdarrayToken:
+    """Stands for numpy.ndarray in a pickle: _reconstruct takes it as its first argument. Not callable,
+    so the pickle cannot call ndarray(shape) itself to allocate an array of any size."""
+
+
+def _checked_reconstruct(subtype, shape, dtype_spec):
+    """numpy's _reconstruct(ndarray, (0,), b'b'), the first step of unpickling an array: an empty array
+    that the next BUILD fills (with our checks, _PickledArray.__setstate__)."""
+    if subtype is not _NdarrayToken or shape != (0,):
+        raise UnsafePickleError(f"refusing numpy _reconstruct({subtype!r}, {shape!r}): only plain ndarrays")
+    _refuse_object_dtype(np.dtype(dtype_spec) if isinstance(dtype_spec, (str, bytes)) else dtype_spec)
+    return _np_multiarray._reconstruct(_PickledArray, shape, dtype_spec)
+
+
+def _checked_scalar(dtype, data=None):
+    """A numpy scalar (numpy.core.multiarray.scalar) of a numeric dtype."""
+    _refuse_object_dtype(dtype)
+    return _np_multiarray.scalar(dtype, data) if data is not None else _np_multiarray.scalar(dtype)
+
+
+def _checked_frombuffer(buf, dtype, shape, order):
+    """A protocol-5 array (numpy.core.numeric._frombuffer) of a numeric dtype."""
+    _refuse_object_dtype(dtype)
+    return _np_numeric._frombuffer(buf, dtype, shape, order)
+
+
+class _InertConfig(dict):
+    """Stands in for a pickled configuration object (OmegaConf's DictConfig, ListConfig and nodes, yacs'
+    CfgNode, typing.Any, as in HMR2.0's Lightning checkpoint): keeps the items, arguments and state the
+    pickle gives it as plain data and runs none of the original class's code."""
+    pickled_class = "?"
+
+    def __init__(self, *args):  # a REDUCE opcode calls the class
+        super().__init__()
+        self.args = args
+
+    def __setstate__(self, state):  # a BUILD opcode
+        self.state = state
+
+
+@functools.lru_cache(maxsize=None)
+def _inert_config_class(module, name):
+    return type(name, (_InertConfig,), {"pickled_class": f"{module}.{name}"})
 
 
 try:  # numpy >= 2 (also importable from numpy 1.26)
@@ -434,55 +550,144 @@ try:  # numpy >= 2 (also importable from numpy 1.26)
 except ImportError:  # numpy 1.x
     from numpy.core import multiarray as _np_multiarray, numeric as _np_numeric
 
-# Everything a model pickle may name, as (module, name) pairs -> what it becomes. Python 2 names
-# (__builtin__, copy_reg) are listed too because find_class sees them before any renaming.
-_SAFE_GLOBALS = {}
-for _core in ("numpy.core", "numpy._core"):
-    _SAFE_GLOBALS[(f"{_core}.multiarray", "_reconstruct")] = _np_multiarray._reconstruct  # ndarray
-    _SAFE_GLOBALS[(f"{_core}.multiarray", "scalar")] = _np_multiarray.scalar  # numpy scalars
-    _SAFE_GLOBALS[(f"{_core}.numeric", "_frombuffer")] = _np_numeric._frombuffer  # ndarray, protocol 5
-_SAFE_GLOBALS.update({
-    ("numpy", "ndarray"): np.ndarray,
-    ("numpy", "dtype"): np.dtype,
-    ("__builtin__", "set"): set, ("builtins", "set"): set,
-    ("__builtin__", "frozenset"): frozenset, ("builtins", "frozenset"): frozenset,
-    ("__builtin__", "object"): object, ("builtins", "object"): object,
-    ("copy_reg", "_reconstructor"): _reconstructor, ("copyreg", "_reconstructor"): _reconstructor,
-    ("_codecs", "encode"): _latin1_encode,
+# The one allow-list: (module, name) -> (group, what it becomes). Each caller names the groups its files
+# need: SMPL files numpy + chumpy + scipy.sparse + builtins, 3DPW numpy, HMR2.0 builtins + torch + config.
+# Python 2 module names (__builtin__, copy_reg) are mapped to Python 3's before the lookup.
+_PICKLE_ALLOW_LIST = {}
+for _core in ("numpy.core", "numpy._core"):  # files from numpy 1 name numpy.core, numpy 2 numpy._core
+    _PICKLE_ALLOW_LIST[(f"{_core}.multiarray", "_reconstruct")] = ("numpy", _checked_reconstruct)  # ndarray
+    _PICKLE_ALLOW_LIST[(f"{_core}.multiarray", "scalar")] = ("numpy", _checked_scalar)  # numpy scalars
+    _PICKLE_ALLOW_LIST[(f"{_core}.numeric", "_frombuffer")] = ("numpy", _checked_frombuffer)  # protocol 5
+_PICKLE_ALLOW_LIST.update({
+    ("numpy", "ndarray"): ("numpy", _NdarrayToken),
+    ("numpy", "dtype"): ("numpy", _checked_dtype),
+    ("_codecs", "encode"): ("numpy", _latin1_encode),  # how Python 3 protocol-2 pickles write bytes
+    ("copyreg", "_reconstructor"): ("chumpy", _reconstructor),  # how Python 2 pickled the chumpy objects
+    ("builtins", "object"): ("chumpy", object),
+    ("torch._utils", "_rebuild_tensor_v2"): ("torch", torch._utils._rebuild_tensor_v2),  # every torch.save tensor
+    ("torch._utils", "_rebuild_parameter"): ("torch", torch._utils._rebuild_parameter),
+    ("torch._utils", "_rebuild_parameter_with_state"): ("torch", torch._utils._rebuild_parameter_with_state),
+    ("torch", "Size"): ("torch", torch.Size),
+    ("torch", "device"): ("torch", torch.device),
+    ("collections", "OrderedDict"): ("torch", collections.OrderedDict),  # state_dict() and tensor hooks
+    ("collections", "defaultdict"): ("config", collections.defaultdict),  # OmegaConf's resolver cache
 })
+for _t in (dict, list, tuple, set, frozenset, int, float, complex, str, bool):
+    _PICKLE_ALLOW_LIST[("builtins", _t.__name__)] = ("builtins", _t)
+_PICKLE_ALLOW_LIST[("builtins", "long")] = ("builtins", int)  # Python 2's name
 for _module in ("scipy.sparse.csc", "scipy.sparse._csc", "scipy.sparse"):
-    _SAFE_GLOBALS[(_module, "csc_matrix")] = _CscStandIn
+    _PICKLE_ALLOW_LIST[(_module, "csc_matrix")] = ("scipy.sparse", _CscStandIn)
 for _module in ("scipy.sparse.csr", "scipy.sparse._csr", "scipy.sparse"):
-    _SAFE_GLOBALS[(_module, "csr_matrix")] = _CsrStandIn
+    _PICKLE_ALLOW_LIST[(_module, "csr_matrix")] = ("scipy.sparse", _CsrStandIn)
+_PY2_MODULES = {"__builtin__": "builtins", "copy_reg": "copyreg"}
 
 
-class _ModelUnpickler(pickle.Unpickler):
-    """An unpickler that can build numpy arrays, plain containers and inert stand-ins for chumpy and
-    scipy.sparse objects, and nothing else: any other class or function in the pickle (os.system,
-    builtins.eval, ...) is refused before it can be called."""
+def _allowed_global(module: str, name: str):
+    """(group, object) for a global a project pickle may name, or None. chumpy classes become inert
+    stand-ins (_ChumpyStandIn), config classes (OmegaConf, yacs, typing) _InertConfig stand-ins, torch
+    dtypes themselves."""
+    module = _PY2_MODULES.get(module, module)
+    package = module.split(".")[0]
+    if package == "chumpy":
+        return "chumpy", _chumpy_stand_in(module, name)
+    if package in ("omegaconf", "yacs", "typing"):
+        return "config", _inert_config_class(module, name)
+    if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+        return "torch", getattr(torch, name)
+    return _PICKLE_ALLOW_LIST.get((module, name))
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """Builds only the globals of _PICKLE_ALLOW_LIST in the groups `allow` names (a subclass may set
+    `allow` instead, as torch.load subclasses the unpickler it is given): any other class or function
+    (os.system, builtins.eval, a model class, ...) is refused before it can be called. Arrays come out
+    as _PickledArray until _checked_tree walks the result; use load_pickle, or call _checked_tree."""
+    allow: tuple = ("numpy",)
+
+    def __init__(self, file, *args, allow: tuple | None = None, **kwargs):
+        super().__init__(file, *args, **kwargs)
+        if allow is not None:
+            self.allow = tuple(allow)
 
     def find_class(self, module, name):
-        if module == "chumpy" or module.startswith("chumpy."):
-            return _chumpy_stand_in(module, name)
-        if (module, name) in _SAFE_GLOBALS:
-            return _SAFE_GLOBALS[(module, name)]
-        raise pickle.UnpicklingError(
-            f"refusing to load {module}.{name}: a model file may only hold numpy arrays, chumpy arrays "
-            f"and scipy sparse matrices")
+        module = _PY2_MODULES.get(module, module)
+        found = _allowed_global(module, name)
+        if found is None or found[0] not in self.allow:
+            raise UnsafePickleError(f"refusing to load {module}.{name}: this file may only hold "
+                                    f"{', '.join(self.allow)} data")
+        return found[1]
+
+
+def _size_limit(file_size: int) -> int:
+    """The most units (one per object, plus one per 8 bytes of array data) a file of file_size bytes may
+    unpickle to. Every object costs at least one byte of pickle and every array byte one byte, so a tree
+    without sharing stays under file_size; twice that plus a margin leaves room for the few shared
+    arrays of real files (chumpy expressions)."""
+    return 2 * file_size + 100_000
+
+
+def _checked_tree(root, path, file_size: int, max_depth: int = MAX_PICKLE_DEPTH):
+    """Walk what a RestrictedUnpickler built, as a tree: refuse it when deeper than max_depth (an object
+    that contains itself is infinitely deep) or larger than _size_limit(file_size) (the memo blow-up),
+    and turn every _PickledArray into a plain ndarray. Stops at the first limit, so it costs at most
+    the limit's worth of steps. Returns the checked object."""
+    limit, units = _size_limit(file_size), 0
+
+    def visit(x, depth):
+        nonlocal units
+        if depth > max_depth:
+            raise PickleFileError(path, f"the pickle nests deeper than {max_depth} levels (or an object "
+                                        f"contains itself); refused")
+        units += 1 + (x.nbytes // 8 if isinstance(x, np.ndarray) else 0)
+        if units > limit:
+            raise PickleFileError(path, f"the pickle unpacks to more than {limit:,} objects and array words "
+                                        f"from {file_size:,} bytes (shared references repeated); refused")
+        if isinstance(x, _PickledArray):
+            return x.view(np.ndarray)
+        if isinstance(x, dict):  # dict, OrderedDict, defaultdict, _InertConfig
+            for key in list(x):
+                visit(key, depth + 1)
+                x[key] = visit(x[key], depth + 1)
+        elif isinstance(x, list):
+            x[:] = [visit(v, depth + 1) for v in x]
+        elif isinstance(x, tuple):
+            items = [visit(v, depth + 1) for v in x]
+            x = x if all(a is b for a, b in zip(items, x)) else type(x)(items)
+        elif isinstance(x, (set, frozenset)):
+            for v in x:
+                visit(v, depth + 1)
+        if isinstance(x, (_ChumpyStandIn, _SparseStandIn, _InertConfig)):
+            for attr in ("args", "state"):
+                if attr in vars(x):
+                    setattr(x, attr, visit(getattr(x, attr), depth + 1))
+        return x
+
+    return visit(root, 0)
+
+
+def load_pickle(path, allow: tuple, max_depth: int = MAX_PICKLE_DEPTH):
+    """Read a pickle file with RestrictedUnpickler (only the globals of the groups in `allow`), then
+    check its depth, size and arrays (_checked_tree). latin1 is how Python 3 must decode the byte strings
+    of a Python 2 pickle for numpy to rebuild its arrays from them. Any problem is a PickleFileError
+    naming the file."""
+    path = os.fspath(path)
+    with open(path, "rb") as f:
+        try:
+            obj = RestrictedUnpickler(f, allow=allow, encoding="latin1").load()
+        except UnsafePickleError as e:
+            raise PickleFileError(path, f"unsafe or unexpected content in the pickle ({e})") from None
+        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError,
+                MemoryError, RecursionError) as e:
+            raise PickleFileError(path, f"not a readable pickle ({type(e).__name__}: {e})") from None
+    return _checked_tree(obj, path, os.path.getsize(path), max_depth)
 
 
 def _load_pickle(path, hint: str = _HOW_TO_RUN_WITHOUT):
-    """A (Python 2) pickle, read with the restricted unpickler. latin1 is how Python 3 must decode the
-    byte strings of a Python 2 pickle for numpy to rebuild its arrays from them."""
-    with open(path, "rb") as f:
-        try:
-            return _ModelUnpickler(f, encoding="latin1").load()
-        except pickle.UnpicklingError as e:
-            if str(e).startswith("refusing"):
-                raise _file_error(path, f"unsafe or unexpected content in the pickle ({e})", hint) from None
-            raise _file_error(path, f"not a readable pickle ({e})", hint) from None
-        except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError, MemoryError) as e:
-            raise _file_error(path, f"not a readable pickle ({type(e).__name__}: {e})", hint) from None
+    """An SMPL model or regressor pickle: numpy arrays, chumpy objects, scipy.sparse matrices."""
+    try:
+        return load_pickle(path, allow=("numpy", "chumpy", "scipy.sparse", "builtins"))
+    except PickleFileError as e:
+        raise _file_error(path, e.problem, hint) from None
 
 
 def _to_numpy(value, key: str, path) -> np.ndarray:

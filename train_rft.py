@@ -105,6 +105,7 @@ class RFTConfig:
     agreement_prompts: int = 96       # test captions whose G sampled poses measure retriever-checker agreement
     save_every: int = 25
     stop_after: int = 0               # stop after this many steps of this invocation (saved; --resume goes on)
+    allow_unfinished_sft: bool = False  # start from an SFT run that stopped before its max_steps (else refused)
     gallery_every: int = 25           # a pose gallery and the reward curves every N steps
     num_threads: int = 0
 
@@ -204,6 +205,7 @@ def hygrpo_step(policy, opt, params, batch, cfg, ctx, weights, body_model, token
         loss.backward()
         average_gradients(params, world_size)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item()
+        train_sft.check_finite_update(loss.item(), grad_norm, cfg)
         opt.step()
     timings["t_update"] = time.time() - t0
 
@@ -258,8 +260,31 @@ def reduce_metrics(metrics, world_size, device):
 
 
 def ensure_sft(cfg):
-    """The main job on a fresh clone: no SFT checkpoint yet -> train the tiny one (train_sft.py)."""
-    if os.path.exists(os.path.join(M.checkpoint_dir(cfg.sft_dir), "config.json")):
+    """The main job on a fresh clone: no SFT checkpoint yet -> train the tiny one (train_sft.py). An SFT
+    run that stopped before its max_steps (killed, or --stop_after) is not pi_init: the tiny main job
+    resumes it with its own saved config; otherwise RFT refuses it, with the command that finishes it,
+    unless --allow_unfinished_sft=true."""
+    train_sft.recover_run(cfg.sft_dir)
+    config_path = os.path.join(M.checkpoint_dir(cfg.sft_dir), "config.json")
+    if os.path.exists(config_path):
+        try:
+            extra = json.load(open(config_path)).get("extra") or {}
+        except (ValueError, AttributeError) as e:
+            raise SystemExit(f"{config_path}: not a checkpoint config ({type(e).__name__}: {e})") from None
+        if train_sft.run_finished(extra) or cfg.allow_unfinished_sft:
+            return
+        saved = extra.get("config") or {}
+        if cfg.preset != "tiny":
+            raise SystemExit(f"the SFT run in {cfg.sft_dir} stopped at step {extra.get('step')} of "
+                             f"{saved.get('max_steps')}: finish it with `train_sft.py --out_dir={cfg.sft_dir} "
+                             f"--resume=true` and the options it was started with, or pass "
+                             f"--allow_unfinished_sft=true to start RFT from it anyway")
+        print0(f"the SFT run in {cfg.sft_dir} stopped at step {extra.get('step')} of {saved.get('max_steps')}: "
+               f"resuming it first (train_sft.py --resume=true)")
+        fields = {f.name for f in dataclasses.fields(train_sft.SFTConfig)}
+        sft_cfg = train_sft.SFTConfig(**{k: v for k, v in saved.items() if k in fields})
+        sft_cfg.resume, sft_cfg.stop_after, sft_cfg.out_dir = True, 0, cfg.sft_dir
+        train_sft.main(cfg=sft_cfg)
         return
     if cfg.preset != "tiny":
         raise SystemExit(f"no SFT checkpoint in {cfg.sft_dir}: run train_sft.py --preset={cfg.preset} first")
@@ -316,7 +341,7 @@ def reward_context(cfg, weights, policy, tokenizer, device):
 
 
 def main(argv=None):
-    cfg = apply_overrides(RFTConfig(), sys.argv[1:] if argv is None else argv)
+    cfg = train_sft.check_config(apply_overrides(RFTConfig(), sys.argv[1:] if argv is None else argv))
     if cfg.algo not in ("hygrpo", "grpo"):
         raise SystemExit(f"--algo must be hygrpo or grpo, got {cfg.algo!r}")
     if cfg.pose_kl not in ("k3", "exact"):
@@ -333,6 +358,9 @@ def main(argv=None):
         dist.barrier()  # the other ranks wait for rank 0's SFT
     torch.manual_seed(cfg.seed)  # identical fresh LoRA on every rank
     os.makedirs(cfg.out_dir, exist_ok=True)
+    train_sft.recover_run(cfg.out_dir)
+    if world_size > 1:
+        dist.barrier()  # the checkpoint is whole before any rank reads it
     print0(f"train_rft.py on {world_size} x {device}\n" + json.dumps(dataclasses.asdict(cfg), indent=1))
 
     policy, tokenizer = load_policy(cfg, device)
@@ -345,7 +373,7 @@ def main(argv=None):
     generator = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + rank)  # own samples per rank
     step = 0
     if cfg.resume:
-        step = resume(cfg, opt, generator)
+        step = resume(cfg, opt, generator, rank, world_size)
 
     shared = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(train_sft.SFTConfig) if hasattr(cfg, f.name)}
     train_set = train_sft.build_datasets(train_sft.SFTConfig(**shared), "train")  # the SFT run's data
@@ -385,8 +413,10 @@ def main(argv=None):
             if step % cfg.gallery_every == 0 or step == cfg.max_steps:
                 gallery.add(policy, step)
                 write_reward_curves(metrics_path, os.path.join(cfg.out_dir, "reward_curves.svg"))
-            if step % cfg.save_every == 0 or step == last:
-                save(cfg, policy, tokenizer, opt, generator, step)
+        if step % cfg.save_every == 0 or step == last:
+            rng = train_sft.rng_states(world_size, generator)  # every rank takes part; rank 0 saves
+            if master:
+                save(cfg, policy, tokenizer, opt, generator, step, rng)
     bar.close()
     if world_size > 1:
         dist.barrier()
@@ -412,21 +442,25 @@ def main(argv=None):
 # Checkpoints, evaluation, figures
 
 
-def save(cfg, policy, tokenizer, opt, generator, step):
-    """out_dir/checkpoint: the policy (with its pi_ref copy) and the optimiser, RNG and step, swapped in
-    atomically as one folder: a killed run loses at most the steps since the last save."""
+def save(cfg, policy, tokenizer, opt, generator, step, rng=None):
+    """out_dir/checkpoint: the policy (with its pi_ref copy) and the optimiser, every rank's RNG states and
+    the step, swapped in atomically as one folder: a killed run loses at most the steps since the last save."""
+    rng = rng or train_sft.rng_states(1, generator)
     M.save_checkpoint(policy, tokenizer, os.path.join(cfg.out_dir, M.CHECKPOINT_DIR),
-                      extra={"stage": "rft", "step": step, "config": dataclasses.asdict(cfg)},
-                      train_state={"optimizer": opt.state_dict(), "torch_rng": torch.get_rng_state(),
-                                   "generator": generator.get_state(), "step": step})
+                      extra={"stage": "rft", "step": step, "finished": step >= cfg.max_steps,
+                             "config": dataclasses.asdict(cfg)},
+                      train_state={"optimizer": opt.state_dict(), "torch_rng": rng[0]["torch_rng"],
+                                   "generator": rng[0]["generator"], "rng_per_rank": rng, "step": step})
 
 
-def resume(cfg, opt, generator):
-    """The optimiser, RNG and step of the last save (the policy itself came from the same checkpoint)."""
+def resume(cfg, opt, generator, rank=0, world_size=1):
+    """The optimiser, this rank's RNG states and the step of the last save (the policy itself came from
+    the same checkpoint); metrics.jsonl is cut back to that step."""
     state = train_sft.load_train_state(cfg.out_dir)
     opt.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["torch_rng"])
-    generator.set_state(state["generator"])
+    train_sft.restore_rng_states(state, rank, world_size, generator)
+    if rank == 0:
+        train_sft.trim_metrics(os.path.join(cfg.out_dir, "metrics.jsonl"), state["step"])
     print0(f"resumed {cfg.out_dir} at step {state['step']}")
     return state["step"]
 

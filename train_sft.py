@@ -30,6 +30,8 @@ import functools
 import json
 import math
 import os
+import pickle
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -96,6 +98,53 @@ class SFTConfig:
     save_every: int = 200
     stop_after: int = 0              # stop after this many steps of this invocation (saved; --resume goes on)
     num_threads: int = 0             # torch CPU threads; 0 = torch's default
+
+
+# Spellings of --dtype: what each means. float16 is refused rather than run in float32: it needs loss
+# scaling, which these scripts do not do.
+DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16"}
+# Counts that must be at least 1 (0 would divide by zero, never save, or train nothing), where present.
+POSITIVE_FIELDS = ("max_steps", "batch_size", "save_every", "log_every", "gallery_every", "inner_epochs",
+                   "poseworld_size", "image_size", "eval_size", "vocab_size", "retriever_pairs",
+                   "retriever_steps", "retriever_batch")
+
+
+def check_config(cfg):
+    """Validate a config once, at the top of a script (SFTConfig or train_rft.RFTConfig), so a bad setting
+    is one message naming the flag and what it allows, not a deep traceback, a silent fp32 run or a
+    wrong result. Normalises --dtype's aliases in place. Returns cfg."""
+    problems = []
+    for f in dataclasses.fields(cfg):  # a config built in Python (main(cfg=...)) is not typed by the parser
+        value, want = getattr(cfg, f.name), type(f.default)
+        if type(value) is not want and not (want is float and type(value) is int):
+            problems.append(f"--{f.name}={value!r} must be a {want.__name__}")
+    if problems:
+        raise SystemExit("bad settings:\n  " + "\n  ".join(problems))
+    if cfg.dtype.lower() in DTYPES:
+        cfg.dtype = DTYPES[cfg.dtype.lower()]
+    else:
+        problems.append(f"--dtype={cfg.dtype!r}: allowed {', '.join(DTYPES)} (float16 is not supported: "
+                        f"it needs loss scaling; use bfloat16)")
+    if cfg.preset not in M.PRESETS:
+        problems.append(f"--preset={cfg.preset!r}: allowed {', '.join(M.PRESETS)}")
+    for name in POSITIVE_FIELDS:
+        if hasattr(cfg, name) and getattr(cfg, name) < 1:
+            problems.append(f"--{name}={getattr(cfg, name)}: must be at least 1")
+    if cfg.stop_after < 0:
+        problems.append(f"--stop_after={cfg.stop_after}: 0 (run to --max_steps) or a number of steps")
+    if hasattr(cfg, "G") and cfg.G < 2:
+        problems.append(f"--G={cfg.G}: at least 2 candidates per prompt (Eq. 16 compares each with its group; "
+                        f"with 1 every advantage is 0)")
+    if hasattr(cfg, "temperature") and not cfg.temperature > 0:
+        problems.append(f"--temperature={cfg.temperature}: must be > 0 in RFT (0 is greedy decoding: the G "
+                        f"candidates coincide and the sampling policy has no log-probabilities)")
+    if hasattr(cfg, "clip_eps") and not cfg.clip_eps >= 0:
+        problems.append(f"--clip_eps={cfg.clip_eps}: must be >= 0 (the ratio is clipped to [1 - eps, 1 + eps])")
+    if hasattr(cfg, "top_p") and not 0 < cfg.top_p <= 1:
+        problems.append(f"--top_p={cfg.top_p}: must be in (0, 1]")
+    if problems:
+        raise SystemExit("bad settings:\n  " + "\n  ".join(problems))
+    return cfg
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -184,6 +233,81 @@ def append_jsonl(path, record):
         f.write(json.dumps(record) + "\n")
 
 
+def check_finite_update(loss, grad_norm, cfg, step=None):
+    """Stop before a step with a NaN or infinite loss or gradient is applied: one such step turns every
+    weight into NaN, and the next save would replace the last good checkpoint with it. The check runs
+    after the gradient all-reduce, so under torchrun every rank sees the same norm and stops together."""
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        where = "this step" if step is None else f"step {step + 1}"
+        raise SystemExit(f"{where}: the loss ({loss}) or the gradient norm ({grad_norm}) is not finite; "
+                         f"stopped before applying it. The last good checkpoint is kept in "
+                         f"{os.path.join(cfg.out_dir, M.CHECKPOINT_DIR)}; lower --lr, or check the settings "
+                         f"(e.g. a NaN weight such as --beta)")
+
+
+def recover_run(out_dir):
+    """On start (rank 0): finish or roll back a checkpoint swap a killed run left half-done."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        done = M.recover_checkpoint(os.path.join(out_dir, M.CHECKPOINT_DIR))
+        if done:
+            print0(f"{out_dir}: a save was interrupted; {done}")
+
+
+def trim_metrics(path, step):
+    """On --resume: keep the metrics rows up to the saved step (the rows after it are logged again) and
+    drop a torn last line (a power cut mid-write), rewriting the file atomically."""
+    if not os.path.exists(path):
+        return
+    rows = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue  # a torn line: what it held is logged again after the resume
+            if isinstance(row, dict) and row.get("step", 0) <= step:
+                rows.append(line if line.endswith("\n") else line + "\n")
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(rows)
+    os.replace(tmp, path)
+
+
+def rng_states(world_size, generator=None):
+    """Every rank's RNG states, torch's and the sampling generator's, in rank order (all ranks call this;
+    rank 0 saves the list): each rank draws its own numbers, so a resume that handed every rank rank 0's
+    state would differ from the uninterrupted run."""
+    mine = {"torch_rng": torch.get_rng_state()}
+    if generator is not None:
+        mine["generator"] = generator.get_state()
+    if world_size == 1:
+        return [mine]
+    states = [None] * world_size
+    dist.all_gather_object(states, mine)
+    return states
+
+
+def restore_rng_states(state, rank, world_size, generator=None):
+    """This rank's RNG states from a train_state (rng_states' list; older checkpoints hold rank 0's only)."""
+    per_rank = state.get("rng_per_rank") or [{"torch_rng": state["torch_rng"], "generator": state.get("generator")}]
+    if len(per_rank) != world_size:
+        print0(f"--resume: the checkpoint holds the RNG states of {len(per_rank)} ranks, this run has "
+               f"{world_size}; the random numbers will not repeat those of an uninterrupted run")
+    mine = per_rank[rank % len(per_rank)]
+    torch.set_rng_state(mine["torch_rng"])
+    if generator is not None and mine.get("generator") is not None:
+        generator.set_state(mine["generator"])
+
+
+def run_finished(extra):
+    """Whether the run that saved a checkpoint (its config.json `extra`) reached its max_steps.
+    Checkpoints from before the flag was recorded say it through their step and config."""
+    extra = extra or {}
+    if "finished" in extra:
+        return bool(extra["finished"])
+    return extra.get("step", 0) >= (extra.get("config") or {}).get("max_steps", 0)
+
+
 def load_train_state(out_dir):
     """The optimiser / RNG / step state saved with the run's last checkpoint, or a clear error."""
     path = os.path.join(out_dir, M.CHECKPOINT_DIR, "train_state.pt")
@@ -191,7 +315,11 @@ def load_train_state(out_dir):
         raise SystemExit(f"--resume: no {path}; start without --resume, or point --out_dir at a run "
                          f"that saved a checkpoint")
     # our own file, but still: weights_only keeps a tampered file from running code
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
+        raise SystemExit(f"--resume: {path} is not readable ({type(e).__name__}: {e}); it is empty or "
+                         f"damaged. Start without --resume, or restore the file") from None
 
 
 def pose_joints(body_model, p):
@@ -283,8 +411,24 @@ def train_retrievers(cfg, tokenizer, device):
         out[name] = rewards.train_retriever(joints[idx], [captions[i] for i in idx], tokenizer,
                                             steps=cfg.retriever_steps, batch_size=cfg.retriever_batch,
                                             lr=cfg.retriever_lr, seed=seed, device=device)
-        out[name].save(os.path.join(cfg.out_dir, f"retriever_{name}"))
+        save_folder_atomically(os.path.join(cfg.out_dir, f"retriever_{name}"), out[name].save)
     return out
+
+
+def retrievers_saved(out_dir):
+    """Both retriever folders are whole (written by save_folder_atomically, config.json last)."""
+    return all(os.path.isfile(os.path.join(out_dir, f"retriever_{name}", "config.json")) for name in ("reward", "eval"))
+
+
+def save_folder_atomically(path, write):
+    """write(folder) into path + ".tmp", then rename it to path: a killed run leaves the old folder or
+    none, never half a folder that later runs would take for a whole one."""
+    tmp = path + ".tmp"
+    for stale in (tmp, path):
+        if os.path.exists(stale):
+            shutil.rmtree(stale)
+    write(tmp)
+    os.replace(tmp, path)
 
 
 def sft_loss(policy, body_model, batch, cfg):
@@ -342,13 +486,16 @@ def build_policy(cfg, tokenizer, device):
 
 
 def main(argv=None, cfg=None):
-    cfg = cfg or apply_overrides(SFTConfig(), sys.argv[1:] if argv is None else argv)
+    cfg = check_config(cfg or apply_overrides(SFTConfig(), sys.argv[1:] if argv is None else argv))
     rank, world_size, device = setup_distributed(cfg.device)
     master = rank == 0
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     os.makedirs(cfg.out_dir, exist_ok=True)
+    recover_run(cfg.out_dir)
+    if world_size > 1:
+        dist.barrier()  # the checkpoint is whole before any rank reads it
     print0(f"train_sft.py on {world_size} x {device}\n" + json.dumps(dataclasses.asdict(cfg), indent=1))
 
     train_set = build_datasets(cfg, "train")
@@ -359,7 +506,7 @@ def main(argv=None, cfg=None):
     else:
         tokenizer = M.Tokenizer.from_file(os.path.join(cfg.llava_path, "tokenizer.json"))
     has_captions = "poseworld" in cfg.data or "posescript" in cfg.data
-    if master and has_captions and not os.path.exists(os.path.join(cfg.out_dir, "retriever_eval")):
+    if master and has_captions and not retrievers_saved(cfg.out_dir):
         train_retrievers(cfg, tokenizer, device)
     elif not has_captions:
         print0("no text-pose captions in --data: no retrievers trained, so RFT's semantic reward (Eq. 8) needs "
@@ -381,8 +528,10 @@ def main(argv=None, cfg=None):
                                   pose_encoder_path=cfg.pose_encoder_path or None, device=device)[0]
         policy.load_state_dict(saved.state_dict())
         opt.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["torch_rng"])
+        restore_rng_states(state, rank, world_size)
         step = state["step"]
+        if master:
+            trim_metrics(os.path.join(cfg.out_dir, "metrics.jsonl"), step)
         print0(f"resumed at step {step}")
 
     loader = iter(data.make_loader(train_set, cfg.batch_size, rank, world_size, seed=cfg.seed,
@@ -404,6 +553,7 @@ def main(argv=None, cfg=None):
         loss.backward()
         average_gradients(params, world_size)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item()
+        check_finite_update(loss.item(), grad_norm, cfg, step)
         opt.step()
         step += 1
         parts = {"step": step, "lr": lr, "loss": loss.item(), **parts, "grad_norm": grad_norm,
@@ -414,8 +564,10 @@ def main(argv=None, cfg=None):
             if step % cfg.log_every == 0 or step == cfg.max_steps:
                 bar.set_postfix(ce=f"{parts['ce']:.3f}", joint_mm=f"{1000 * parts['joint_m']:.0f}",
                                 nll=f"{parts['nll']:.0f}")
-            if step % cfg.save_every == 0 or step == last:
-                save(policy, tokenizer, opt, step, cfg)
+        if step % cfg.save_every == 0 or step == last:
+            rng = rng_states(world_size)  # every rank takes part; rank 0 saves
+            if master:
+                save(policy, tokenizer, opt, step, cfg, rng)
     bar.close()
     if world_size > 1:
         dist.barrier()
@@ -426,11 +578,15 @@ def main(argv=None, cfg=None):
     return policy, tokenizer
 
 
-def save(policy, tokenizer, opt, step, cfg):
-    """out_dir/checkpoint: the policy and what --resume needs (optimiser, RNG, step), in one atomic swap."""
+def save(policy, tokenizer, opt, step, cfg, rng=None):
+    """out_dir/checkpoint: the policy and what --resume needs (optimiser, every rank's RNG, step), in one
+    atomic swap; `finished` records whether the run reached max_steps (train_rft.py checks it)."""
+    rng = rng or rng_states(1)
     M.save_checkpoint(policy, tokenizer, os.path.join(cfg.out_dir, M.CHECKPOINT_DIR),
-                      extra={"stage": "sft", "step": step, "config": dataclasses.asdict(cfg)},
-                      train_state={"optimizer": opt.state_dict(), "torch_rng": torch.get_rng_state(), "step": step})
+                      extra={"stage": "sft", "step": step, "finished": step >= cfg.max_steps,
+                             "config": dataclasses.asdict(cfg)},
+                      train_state={"optimizer": opt.state_dict(), "torch_rng": rng[0]["torch_rng"],
+                                   "rng_per_rank": rng, "step": step})
 
 
 if __name__ == "__main__":

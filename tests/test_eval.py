@@ -203,3 +203,13 @@ def test_comparison_table_is_honest():
     assert row("Text-to-pose posecode").endswith("(better) |")
     assert row("Text-to-pose R^T2P @5/10/20, full retrieval, eval").endswith("(mixed) |")
     assert row("Text-to-pose R^P2T @5/10/20, full retrieval, eval").endswith("(same) |")
+
+
+def test_evaluate_refuses_a_model_with_nonfinite_weights(world, tokenizer):
+    """A diverged model (NaN weights) must be an error naming the tensors, not a table: its NaN poses fail
+    the format check and become the rest pose, so it used to score like a weak but healthy model."""
+    policy = M.PoseLLaVA.from_preset("tiny", tokenizer=tokenizer)
+    with torch.no_grad():
+        policy.pose_head.to_mu.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"not finite .*pose_head"):
+        E.evaluate(policy, tokenizer, world, smpl.SMPL(), {}, ExactEmbedder(), limit=6, progress=False)

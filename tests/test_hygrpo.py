@@ -50,6 +50,21 @@ def test_group_advantages_degenerate_groups_and_invalid_members():
     assert torch.equal(adv[3], torch.zeros(4))
 
 
+def test_group_advantages_large_rewards_in_float64():
+    """Eq. 16 is computed in float64 and cast back: catches float32 round-off in the group mean (rewards
+    near 1e6 that differ by 1/16 came out wrong) and overflow of the squared deviations (rewards of 1e20
+    gave all-zero advantages)."""
+    base = torch.tensor([[0.0, 1.0, 2.0, 3.0]])  # (1, 4) mean 1.5, sample std sqrt(5/3)
+    expected = (base - 1.5) / (5 / 3) ** 0.5  # (1, 4)
+    near = (1e6 + base / 16).float()  # exactly representable in float32 (spacing 1/16 at 1e6)
+    adv = group_advantages(near)
+    assert adv.dtype == torch.float32
+    assert torch.allclose(adv, expected, atol=1e-4), adv
+    huge = torch.tensor([[1e20, -1e20, 1e20, -1e20]])  # (1, 4) float32
+    assert torch.allclose(group_advantages(huge), torch.tensor([[1.0, -1.0, 1.0, -1.0]]) * (3 / 4) ** 0.5,
+                          atol=1e-5)
+
+
 def test_group_advantages_rejects_bad_input():
     """Catches silently normalising across prompts, or a NaN reward of a valid member going through."""
     with pytest.raises(ValueError, match="need G"):

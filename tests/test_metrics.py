@@ -224,3 +224,13 @@ def test_group_rank_correlation_matches_scipy_with_ties():
     assert rho == pytest.approx(sum(ref) / len(ref), abs=1e-9)
     assert E.group_rank_correlation(b, b, G)[0] == pytest.approx(1.0)
     assert E.group_rank_correlation(b, -b, G)[0] == pytest.approx(-1.0)
+
+
+def test_recall_at_k_is_nan_when_k_covers_every_item():
+    """With N <= K items every ground truth is within the top K, so recall would print 100% for any
+    model: it must be NaN (no measurement) instead, while K < N keeps its value."""
+    g = torch.Generator().manual_seed(1)
+    text, pose = torch.randn(5, 8, generator=g), torch.randn(5, 8, generator=g)
+    r = recall_at_k(text, pose, ks=(1, 5, 10))
+    assert math.isnan(r["t2p@5"]) and math.isnan(r["p2t@10"])
+    assert 0 <= r["t2p@1"] <= 100

@@ -4,6 +4,8 @@ import math
 import os
 import pickle
 import struct
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -12,6 +14,7 @@ import smplx
 import torch
 from scipy.spatial.transform import Rotation
 
+import data
 import smpl
 
 try:  # the function numpy arrays pickle through; Python 2 era files name it numpy.core.multiarray
@@ -511,3 +514,122 @@ def test_pickle_that_runs_code_is_refused(tmp_path):
     # sanity: the same payload does run under plain pickle, so the test above can fail
     pickle.loads(pickle.dumps(_RunsCode(eval, f"open({str(marker)!r}, 'w').close()")))
     assert marker.exists()
+
+
+class _ForgedDtype:
+    """Pickles as numpy.dtype(spec) whose state clears the flags, so dtype.hasobject says False even for
+    an object dtype: the forgery that made ndarray.__setstate__ read raw bytes as object pointers."""
+
+    def __init__(self, spec, fields=None):
+        self.spec, self.fields = spec, fields
+
+    def __reduce__(self):
+        if self.fields:  # a structured dtype: names, fields, item size and alignment in the state
+            return (np.dtype, (self.spec, False, True), (3, "|", None, tuple(self.fields), self.fields, 8, 1, 0))
+        return (np.dtype, (self.spec, False, True), (3, "|", None, None, None, -1, -1, 0))
+
+
+class _ForgedArray:
+    def __init__(self, dtype, raw):
+        self.dtype, self.raw = dtype, raw
+
+    def __reduce__(self):
+        return (_np_reconstruct, (np.ndarray, (0,), b"b"), (1, (len(self.raw) // 24, 3), self.dtype, False, self.raw))
+
+
+_LOAD_HOSTILE = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import data, smpl
+for path in sys.argv[2:]:
+    try:
+        smpl.load_model_file(path)  # reads every array as float64
+        print("LOADED", path)
+    except ValueError as e:
+        print("REFUSED", e)
+    try:
+        seq = data.load_numpy_pickle(path, "a 3DPW sequence file")
+        print("LOADED", path, repr(seq["poses"][0]))  # what any use of the values does
+    except ValueError as e:
+        print("REFUSED", e)
+"""
+
+
+def _two_vertex_model_but_v_template():
+    """A model file of 2 vertices, valid but for the v_template a test adds, so the loader reaches it."""
+    V = 2
+    return {"shapedirs": np.zeros((V, 3, 1)), "posedirs": np.zeros((V, 3, 207)), "J_regressor": np.zeros((24, V)),
+            "weights": np.zeros((V, 24)), "kintree_table": np.stack([np.array(smpl.PARENTS), np.arange(24)]),
+            "f": np.zeros((1, 3), dtype=np.int64)}
+
+
+def test_forged_object_dtype_is_refused_not_a_crash(tmp_path):
+    """A pickled array whose dtype is (or has a field of) Python objects, with the dtype's flags forged so
+    that dtype.hasobject reads False: both the SMPL loader and the 3DPW loader must refuse it with an error
+    naming the file. Before the fix, numpy read the raw bytes as object pointers and the interpreter died
+    with SIGSEGV, so the loads run in a subprocess: a crash fails this test instead of killing pytest."""
+    raw = b"\x41" * 48  # (2, 3) "pointers" to address 0x4141414141414141
+    forged = {"object": _ForgedArray(_ForgedDtype("O8"), raw),
+              "object_field": _ForgedArray(_ForgedDtype("V8", {"a": (_ForgedDtype("O8"), 0)}), raw)}
+    model = _two_vertex_model_but_v_template()
+    paths = []
+    for name, array in forged.items():
+        path = tmp_path / f"forged_{name}.pkl"
+        path.write_bytes(pickle.dumps({**model, "v_template": array, "poses": [array]}, protocol=2))
+        paths.append(str(path))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", _LOAD_HOSTILE, root, *paths], capture_output=True, text=True,
+                          timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, f"the loader crashed (rc {proc.returncode}): {proc.stderr[-2000:]}"
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 4 and all(line.startswith("REFUSED") for line in lines), proc.stdout
+    for path in paths:
+        assert sum(path in line and "Python objects" in line for line in lines) == 2, proc.stdout
+
+
+def _py2_pickle(obj, path):
+    with open(path, "wb") as f:
+        Py2Pickler(f, protocol=2).dump(obj)
+
+
+def test_self_referential_and_memo_blowup_pickles_are_refused(tmp_path):
+    """Catches a RecursionError from a chumpy object that contains itself, and a 20 kB pickle that shares
+    one list through the memo so np.asarray expands it to hundreds of MB: both must be clear errors
+    naming the file, found before any array is built from them."""
+    loop = FakeCh(None)
+    loop.x = loop  # a Ch whose value is itself
+    _py2_pickle({**_two_vertex_model_but_v_template(), "v_template": loop}, tmp_path / "loop.pkl")
+    with pytest.raises(smpl.ModelFileError, match=r"loop\.pkl: the pickle nests deeper than 100 levels"):
+        smpl.load_model_file(tmp_path / "loop.pkl")
+
+    row = list(range(1000))
+    rows = [row] * 1000  # memo: one list, referred to 1000 times (2 bytes each)
+    bomb = tmp_path / "bomb.pkl"  # v_template: a Select whose idxs hold 40M indices, 320 MB as int64
+    _py2_pickle({**_two_vertex_model_but_v_template(),
+                 "v_template": FakeSelect(FakeCh(np.zeros(3)), [rows] * 40, (2, 3))}, bomb)
+    assert bomb.stat().st_size < 20_000
+    with pytest.raises(smpl.ModelFileError, match=r"bomb\.pkl: the pickle unpacks to more than"):
+        smpl.load_model_file(bomb)
+    plain = tmp_path / "plain_bomb.pkl"
+    plain.write_bytes(pickle.dumps({"poses": [rows] * 40}, protocol=2))
+    with pytest.raises(ValueError, match=r"plain_bomb\.pkl: cannot load .*unpacks to more than"):
+        data.load_numpy_pickle(str(plain), "a 3DPW sequence file")
+
+
+def test_one_unpickler_each_caller_narrows(tmp_path):
+    """One allow-list for the SMPL, 3DPW and HMR2.0 readers: each allows only its own groups. Catches a
+    reader that accepts globals another reader needs (3DPW reading chumpy objects, an HMR2.0 checkpoint
+    reading numpy arrays) and an allowed global that refuses Python 2's module names."""
+    arrays = tmp_path / "arrays.pkl"
+    arrays.write_bytes(pickle.dumps({"x": np.arange(3.0), "s": {1, 2}}, protocol=2))
+    assert np.array_equal(smpl.load_pickle(arrays, allow=("numpy", "builtins"))["x"], np.arange(3.0))
+    assert type(smpl.load_pickle(arrays, allow=("numpy", "builtins"))["x"]) is np.ndarray
+    with pytest.raises(smpl.PickleFileError, match=r"arrays\.pkl: .*refusing to load builtins\.set"):
+        smpl.load_pickle(arrays, allow=("numpy",))
+    with pytest.raises(smpl.PickleFileError, match="refusing to load numpy"):
+        smpl.load_pickle(arrays, allow=("builtins", "torch", "config"))
+    ch = tmp_path / "ch.pkl"
+    _py2_pickle({"v_template": FakeCh(1)}, ch)
+    assert smpl.load_pickle(ch, allow=("chumpy", "builtins"))["v_template"].state["x"] == 1
+    with pytest.raises(ValueError, match="refusing to load chumpy.ch.Ch"):
+        data.load_numpy_pickle(str(ch), "a 3DPW sequence file")
