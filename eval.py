@@ -530,7 +530,8 @@ def format_comparison(before: dict, after: dict | None = None, title: str = "") 
     """A Markdown table of the metrics, in the order of the paper's tables; with `after`, the change with
     its paired standard error over the same test items, and a verdict: "better" / "worse" only when
     the change exceeds twice its standard error, else "within noise" (an honest table: a regression is
-    marked as such, and so is a change that noise alone could make). The trivial baselines follow."""
+    marked as such, and so is a change that noise alone could make). A row without per-item values
+    (no standard error) gets the plain verdict. The trivial baselines follow."""
     head = "| metric | before | after | change (paired s.e.) |\n| --- | --- | --- | --- |" if after else \
         "| metric | value |\n| --- | --- |"
     lines = [f"**{title}**\n" if title else "", head]
@@ -564,6 +565,76 @@ def format_comparison(before: dict, after: dict | None = None, title: str = "") 
 
 
 # ----------------------------------------------------------------------------------------------------
+# Several runs: the gain of RFT per seed, its mean and standard error over seeds (python eval.py --compare)
+
+COMPARE_KEYS = [("t2p_posecode_acc", "posecode accuracy (%)", False),
+                ("t2p_sampled_eval_t2p@10", "R^T2P@10 sampled, eval retriever (%)", False),
+                ("t2p_sampled_reward_t2p@10", "R^T2P@10 sampled, reward retriever (%)", False),
+                ("i2p_mpjpe_mm", "image-to-pose MPJPE (mm)", True),
+                ("i2p_pa_mpjpe_mm", "image-to-pose PA-MPJPE (mm)", True),
+                ("t2p_agree_reward", "reward retriever-checker agreement (Spearman)", False),
+                ("vqa_text_sim", "VQA answer similarity (x100)", False),
+                ("format_rate", "format rate (%)", False)]
+
+
+def _mean_se(xs: list) -> tuple[float, float]:
+    """Mean and standard error (sample std / sqrt(n)) of a list of numbers; se is nan for one number."""
+    t = torch.tensor(xs, dtype=torch.float64)
+    return t.mean().item(), (t.std(unbiased=True).item() / len(xs) ** 0.5 if len(xs) > 1 else float("nan"))
+
+
+def compare_runs(groups: dict) -> str:
+    """A Markdown table of RFT runs, one group of runs (one per seed) per column: for each metric, the
+    mean over seeds before and after, the mean gain with its standard error over seeds, and each seed's
+    paired gain with its standard error over the test items. With two groups run on the same seeds (in
+    the same order), a last column gives the per-seed difference of their gains, mean +- s.e.
+
+    groups: {label: [run folder, ...]}; each folder holds eval_before.json and eval_after.json."""
+    import json
+    import os
+    loaded = {}
+    for label, runs in groups.items():
+        loaded[label] = []
+        for run in runs:
+            pair = []
+            for name in ("eval_before.json", "eval_after.json"):
+                path = os.path.join(run, name)
+                if not os.path.isfile(path):
+                    raise SystemExit(f"--compare: {path} not found (a finished train_rft.py run writes it)")
+                with open(path) as f:
+                    pair.append(json.load(f))
+            loaded[label].append(pair)
+    labels = list(loaded)
+    two = len(labels) == 2 and len(loaded[labels[0]]) == len(loaded[labels[1]])
+    head = "| metric | " + " | ".join(f"{g}: before -> after, gain (s.e. over seeds) [per seed]" for g in labels)
+    head += (f" | {labels[1]} - {labels[0]} gain |" if two else " |")
+    lines = [head, "|" + " --- |" * (len(labels) + 1 + two)]
+    for key, label, lower_better in COMPARE_KEYS:
+        cells, gains = [], {}
+        for g in labels:
+            runs = loaded[g]
+            if not all(key in b and key in a for b, a in runs):
+                cells.append("")
+                continue
+            per_seed = [_change(b, a, key, 1.0) for b, a in runs]  # (gain, paired s.e. or None)
+            gains[g] = [d for d, _ in per_seed]
+            mb, _ = _mean_se([b[key] for b, _ in runs])
+            ma, _ = _mean_se([a[key] for _, a in runs])
+            mg, sg = _mean_se(gains[g])
+            seeds = ", ".join(f"{d:+.2f}" + (f" ({se:.2f})" if se is not None else "") for d, se in per_seed)
+            cells.append(f"{mb:.2f} -> {ma:.2f}, {mg:+.2f} ({sg:.2f}) [{seeds}]")
+        row = f"| {label} | " + " | ".join(cells)
+        if two:
+            if all(g in gains for g in labels):
+                md, sd = _mean_se([y - x for x, y in zip(gains[labels[0]], gains[labels[1]])])
+                row += f" | {md:+.2f} ({sd:.2f})"
+            else:
+                row += " | "
+        lines.append(row + " |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------
 # Command line: python eval.py --ckpt=out/tiny-rft
 
 
@@ -579,6 +650,18 @@ def main(argv=None):
     import model as M
     import rewards
     import smpl
+    import sys
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "--compare":  # python eval.py --compare LABEL=out/a0,out/a1,out/a2 LABEL=...
+        groups = {}
+        for spec in argv[1:]:
+            label, _, runs = spec.rpartition("=")
+            groups[label or spec] = [r for r in runs.split(",") if r]
+        if not groups:
+            raise SystemExit("usage: python eval.py --compare NAME=run_seed0,run_seed1,run_seed2 [NAME2=...]")
+        table = compare_runs(groups)
+        print(table)
+        return table
     p = argparse.ArgumentParser(description=main.__doc__)
     p.add_argument("--ckpt", required=True, help="a checkpoint folder written by train_sft.py / train_rft.py")
     p.add_argument("--retrievers", default="", help="folder holding retriever_eval/ and retriever_reward/ "

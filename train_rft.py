@@ -66,6 +66,7 @@ class RFTConfig:
     rewards: str = "joint:1,semantic:1,format:1,text:1"  # name:weight; weight 0 removes a reward (Table 5)
     G: int = 8                        # candidates per prompt
     batch_size: int = 8               # prompts per rank per step (Table 4: 16 in total for the 7B run)
+    task_mix: str = ""                # PoseWorld RFT prompts, e.g. "t2p:2,i2p:2,vqa:1"; "" = SFT's (equal thirds)
     max_steps: int = 150
     inner_epochs: int = 1             # policy updates per sampled batch (the old policy stays the sampler)
     clip_eps: float = 0.2             # epsilon of the clipped ratios
@@ -224,6 +225,22 @@ def hygrpo_step(policy, opt, params, batch, cfg, ctx, weights, body_model, token
     return metrics
 
 
+def parse_task_mix(spec):
+    """"t2p:2,i2p:2,vqa:1" -> the weights of data.TASKS in order, (2.0, 2.0, 1.0); a task left out gets 0."""
+    weights = dict.fromkeys(data.TASKS, 0.0)
+    for item in filter(None, (x.strip() for x in spec.split(","))):
+        task, _, w = item.partition(":")
+        if task not in weights:
+            raise SystemExit(f"--task_mix: unknown task {task!r} in {spec!r}; tasks are {', '.join(data.TASKS)}")
+        try:
+            weights[task] = float(w)
+        except ValueError:
+            raise SystemExit(f"--task_mix: {item!r} is not task:weight") from None
+    if any(w < 0 for w in weights.values()) or sum(weights.values()) <= 0:
+        raise SystemExit(f"--task_mix={spec!r}: weights must be >= 0, with at least one > 0")
+    return tuple(weights[t] for t in data.TASKS)
+
+
 def semantic_checker_agreement(cands, per_reward, G):
     """How well the semantic reward (Eq. 8) ranks each text-to-pose prompt's G candidates the way
     PoseWorld's exact checker does: Spearman's rank correlation within the group, averaged over the
@@ -377,6 +394,9 @@ def main(argv=None):
 
     shared = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(train_sft.SFTConfig) if hasattr(cfg, f.name)}
     train_set = train_sft.build_datasets(train_sft.SFTConfig(**shared), "train")  # the SFT run's data
+    if cfg.task_mix and cfg.data == "poseworld":  # the same poses, their tasks drawn in other proportions
+        train_set = data.PoseWorld("train", size=cfg.poseworld_size, seed=cfg.seed, image_size=cfg.image_size,
+                                   mix=parse_task_mix(cfg.task_mix))
     loader = iter(data.make_loader(train_set, cfg.batch_size, rank, world_size, seed=cfg.seed + 1,
                                    start_step=step, collate_fn=train_sft.collate_fn(tokenizer, policy, True)))
     evaluator = None

@@ -105,7 +105,7 @@ class SFTConfig:
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16"}
 # Counts that must be at least 1 (0 would divide by zero, never save, or train nothing), where present.
 POSITIVE_FIELDS = ("max_steps", "batch_size", "save_every", "log_every", "gallery_every", "inner_epochs",
-                   "poseworld_size", "image_size", "eval_size", "vocab_size", "retriever_pairs",
+                   "poseworld_size", "image_size", "vocab_size", "retriever_pairs",
                    "retriever_steps", "retriever_batch")
 
 
@@ -130,6 +130,10 @@ def check_config(cfg):
     for name in POSITIVE_FIELDS:
         if hasattr(cfg, name) and getattr(cfg, name) < 1:
             problems.append(f"--{name}={getattr(cfg, name)}: must be at least 1")
+    if getattr(cfg, "eval_size", 0) < 0:
+        problems.append(f"--eval_size={cfg.eval_size}: 0 (the whole test split) or a number of test samples")
+    if getattr(cfg, "agreement_prompts", 0) < 0:
+        problems.append(f"--agreement_prompts={cfg.agreement_prompts}: 0 (skip) or a number of test captions")
     if cfg.stop_after < 0:
         problems.append(f"--stop_after={cfg.stop_after}: 0 (run to --max_steps) or a number of steps")
     if hasattr(cfg, "G") and cfg.G < 2:

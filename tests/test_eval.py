@@ -213,3 +213,84 @@ def test_evaluate_refuses_a_model_with_nonfinite_weights(world, tokenizer):
         policy.pose_head.to_mu.weight[0, 0] = float("nan")
     with pytest.raises(ValueError, match=r"not finite .*pose_head"):
         E.evaluate(policy, tokenizer, world, smpl.SMPL(), {}, ExactEmbedder(), limit=6, progress=False)
+
+
+def test_evaluate_reports_mean_pose_baselines_and_per_item_values(world, tokenizer, monkeypatch):
+    """The trivial baselines are the scores of always answering the average training pose, and the
+    per-item values let two evaluations be paired. Catches a baseline computed from the test poses or
+    from one task's poses for the other, per-item lists that do not average to the reported metric,
+    and a policy that answers the average pose scoring differently from the baseline."""
+    train = data.PoseWorld("train", size=300, seed=3, cache_dir=None)
+    poses = {task: train.poses[train.task_indices(task)] for task in ("i2p", "t2p")}
+    avg = {task: E.mean_pose(p) for task, p in poses.items()}  # (144,) each
+
+    def answers(policy, samples, tok, device, max_new_tokens=32):  # always the average pose of its task
+        mu = torch.stack([avg["i2p" if s["task"] == "i2p" else "t2p"] for s in samples])  # (n, 144)
+        return [s["answer"] for s in samples], mu, torch.ones(len(samples), dtype=torch.bool)
+
+    monkeypatch.setattr(E, "_mean_poses", answers)
+    retriever = rewards.PoseTextRetriever(rewards.RetrieverConfig(vocab_size=tokenizer.vocab_size,
+                                          tokenizer_fingerprint=rewards.tokenizer_fingerprint(tokenizer)), tokenizer)
+    r = E.evaluate(None, tokenizer, world, smpl.SMPL(), {"eval": retriever}, ExactEmbedder(), progress=False,
+                   baseline_poses=poses)
+    assert r["i2p_mean_pose_mpjpe_mm"] == pytest.approx(r["i2p_mpjpe_mm"], rel=1e-5)
+    assert r["t2p_mean_pose_posecode_acc"] == pytest.approx(r["t2p_posecode_acc"], rel=1e-5)
+    assert 100 < r["i2p_mean_pose_mpjpe_mm"] < 400  # a constant answer is far off, but not absurd
+    items = r["items"]
+    assert len(items["i2p_mpjpe_mm"]) == r["i2p_n"] and len(items["t2p_posecode_acc"]) == r["t2p_n"]
+    for key in ("i2p_mpjpe_mm", "t2p_posecode_acc", "t2p_full_eval_t2p@10", "vqa_text_sim"):
+        assert sum(items[key]) / len(items[key]) == pytest.approx(r[key])
+    swapped = dict(poses, i2p=poses["t2p"])  # body-frame poses as the camera-frame baseline: must differ
+    r2 = E.evaluate(None, tokenizer, world, smpl.SMPL(), {"eval": retriever}, ExactEmbedder(), progress=False,
+                    baseline_poses=swapped)
+    assert abs(r2["i2p_mean_pose_mpjpe_mm"] - r["i2p_mean_pose_mpjpe_mm"]) > 1
+
+
+def test_mean_pose_is_the_rotation_average():
+    """mean_pose of identical poses is that pose; of a turn about z and its inverse (per joint), the
+    identity. Catches averaging axis-angle vectors of another parametrisation or dropping the
+    Gram-Schmidt step (a non-rotation)."""
+    g = torch.Generator().manual_seed(0)
+    p = 0.5 * torch.randn(1, 24, 3, generator=g)
+    six = E.mean_pose(p.expand(5, 24, 3))
+    assert torch.allclose(smpl.rot6d_to_matrix(six.view(24, 6)), smpl.axis_angle_to_matrix(p[0]), atol=1e-5)
+    about_z = p * torch.tensor([0.0, 0.0, 1.0])  # (1, 24, 3) each joint turned about z by its own angle
+    both = E.mean_pose(torch.cat([about_z, -about_z]))  # the mean of R_z(a) and R_z(-a) is diag(cos a, cos a, 1)
+    assert torch.allclose(smpl.rot6d_to_matrix(both.view(24, 6)), torch.eye(3).expand(24, 3, 3), atol=1e-5)
+
+
+def test_comparison_table_gives_paired_standard_errors():
+    """With per-item values, each change carries its paired standard error, and a change within twice
+    that error reads "within noise", not better or worse. Catches an unpaired error and a verdict that
+    ignores the noise."""
+    before = {"t2p_posecode_acc": 50.0, "i2p_mpjpe_mm": 100.0,
+              "items": {"t2p_posecode_acc": [40.0, 50.0, 60.0, 50.0], "i2p_mpjpe_mm": [90.0, 110.0, 95.0, 105.0]}}
+    after = {"t2p_posecode_acc": 51.0, "i2p_mpjpe_mm": 90.0,
+             "items": {"t2p_posecode_acc": [40.0, 54.0, 60.0, 50.0], "i2p_mpjpe_mm": [80.0, 100.0, 85.0, 95.0]}}
+    table = E.format_comparison(before, after)
+    row = lambda label: next(line for line in table.splitlines() if line.startswith(f"| {label}"))  # noqa: E731
+    assert "+1.0 (1.0) (within noise)" in row("Text-to-pose posecode")  # differences 0, 4, 0, 0: s.e. 1
+    assert "-10.0 (0.0) (better)" in row("Image-to-pose MPJPE")
+
+
+def test_compare_runs_aggregates_seeds(tmp_path):
+    """`python eval.py --compare` gives each seed's paired gain, the mean gain over seeds with its
+    standard error, and with two groups the per-seed difference of gains. Checked by hand."""
+    import json
+
+    def run(name, gain):
+        folder = tmp_path / name
+        folder.mkdir()
+        b = {"t2p_posecode_acc": 60.0, "items": {"t2p_posecode_acc": [60.0, 60.0]}}
+        a = {"t2p_posecode_acc": 60.0 + gain, "items": {"t2p_posecode_acc": [60.0 + gain, 60.0 + gain]}}
+        json.dump(b, open(folder / "eval_before.json", "w"))
+        json.dump(a, open(folder / "eval_after.json", "w"))
+        return str(folder)
+    hy = [run(f"hy{s}", g) for s, g in enumerate((3.0, 5.0, 4.0))]
+    gr = [run(f"gr{s}", g) for s, g in enumerate((1.0, 1.0, 1.0))]
+    table = E.main(["--compare", "hygrpo=" + ",".join(hy), "grpo=" + ",".join(gr)])
+    row = next(line for line in table.splitlines() if line.startswith("| posecode"))
+    assert "60.00 -> 64.00, +4.00 (0.58) [+3.00 (0.00), +5.00 (0.00), +4.00 (0.00)]" in row  # s.e. = 1/sqrt(3)
+    assert row.rstrip(" |").endswith("-3.00 (0.58)")  # grpo - hygrpo gains: -2, -4, -3
+    with pytest.raises(SystemExit, match="eval_before.json"):
+        E.main(["--compare", f"x={tmp_path}"])

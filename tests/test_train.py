@@ -132,7 +132,7 @@ def test_main_job_end_to_end(tmp_path):
            "--gallery_every=2", "--save_every=2"]
     proc = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "| metric | before | after | change |" in proc.stdout
+    assert "| metric | before | after | change (paired s.e.) |" in proc.stdout
     assert "Image-to-pose MPJPE (mm)" in proc.stdout and "Format rate" in proc.stdout
     run = tmp_path / "out" / "tiny-rft"
     for name in ("results.md", "eval_before.json", "eval_after.json", "metrics.jsonl", "gallery.png",
