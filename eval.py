@@ -356,6 +356,27 @@ def evaluate(policy, tokenizer, dataset, body_model, retrievers: dict, embedder,
     return out
 
 
+def perturbed_agreement(retriever, dataset, n_prompts: int = 200, G: int = 8, noise: float = 0.15,
+                        seed: int = 0) -> float:
+    """The retriever-checker rank agreement without a policy: for the first n_prompts text-to-pose
+    captions of a PoseWorld split, G poses made by adding N(0, noise^2) radians to each body joint's
+    axis-angle of the caption's own pose (the root kept), ranked by the retriever's cosine (Eq. 8) and by
+    the exact check; group_rank_correlation of the two. train_sft.py logs it for both retrievers, so
+    the semantic reward's quality is known before any RFT. -> Spearman's rho (float)."""
+    import data
+    import rewards
+    rows = dataset.task_indices("t2p")[:n_prompts]  # (P,)
+    g = torch.Generator().manual_seed(seed)
+    pose = dataset.pose_body[rows].repeat_interleave(G, 0).clone()  # (P*G, 24, 3)
+    pose[:, 1:] += noise * torch.randn(pose[:, 1:].shape, generator=g)
+    joints = data.pose_joints(pose)  # (P*G, 24, 3)
+    check = data.check_posecodes(joints, dataset.codes[rows].repeat_interleave(G, 0),
+                                 dataset.mentioned[rows].repeat_interleave(G, 0))  # (P*G,)
+    captions = [dataset.captions[i] for i in rows.tolist() for _ in range(G)]
+    cos = rewards.semantic_reward(retriever, captions, joints)  # (P*G,)
+    return group_rank_correlation(cos, check, G)[0]
+
+
 def _agreement(policy, tokenizer, dataset, rows, body_model, retrievers, G, device, seed) -> dict:
     """Rank agreement between each retriever's cosine and the exact posecode check over G sampled poses
     per text-to-pose prompt (see `evaluate`)."""

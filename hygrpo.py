@@ -81,6 +81,13 @@ Where this code departs from the paper, or chooses where the paper leaves a choi
    and reference policies (model.token_logprobs): the sampler is softmax(logits / T), as TRL and verl
    score GRPO. The top-p truncation is not scored. With inner_epochs = 1 (the default) every ratio is
    exactly 1 in value and clipping never acts (note 1): clip_eps matters only from a second inner epoch.
+16. An option beyond the paper, for the small-sample regime of the tiny preset: train_rft.py
+   --pose_samples=M draws M poses p_i1..p_iM from each answer's Gaussian (model.sample_policy), so a
+   prompt has G x M candidates (a_i, p_ij) and Delta_hat (Eq. 16) compares the prompt's G x M poses.
+   The estimate of the continuous gradient stays unbiased (the pose is drawn from pi_c(p | q, a_i) as
+   before) and its variance falls about M-fold; the text is generated and scored once per answer, so
+   the cost of a step hardly grows. Each copy of an answer gets the same F_hat, so the discrete term
+   and its KL are unchanged (each answer counted M times in N). M = 1 is the paper's estimator.
 """
 from __future__ import annotations
 

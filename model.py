@@ -2437,12 +2437,18 @@ class Rollout:
     v_a: torch.Tensor | None      # (n_img, L_a, d_a) frozen CLIP features of the prompts' images, once each
     v_b: torch.Tensor | None      # (n_img, L_b, d_b) frozen pose-ViT features
     temperature: float = 1.0      # the text's sampling temperature; every log-prob of the answer is taken at it
+    pose_samples: int = 1         # M: each answer's pose drawn M times, rows i*M .. i*M+M-1 share the answer
 
 
 @torch.no_grad()
-def sample_policy(model, batch, G, max_new_tokens, temperature=1.0, top_p=1.0, generator=None):
+def sample_policy(model, batch, G, max_new_tokens, temperature=1.0, top_p=1.0, generator=None, pose_samples=1):
     """Sample G hybrid answers per prompt: text a_i by Llava.generate (KV cache, stopping at eos), and for
     every answer that emitted `<POSE>`, a pose p_i from the Gaussian head at that token (Eq. 1, 2).
+
+    pose_samples = M > 1 (not in the paper; hygrpo.py note 16): each answer's pose is drawn M times from
+    its Gaussian, so a prompt has G x M candidates (a_i, p_ij), rows i*M .. i*M+M-1 sharing one answer.
+    The text is generated, and later scored, once per answer; only the cheap pose draws are repeated.
+    The returned Rollout then has G = G x M candidates per prompt and pose_samples = M.
 
     batch: data.collate(..., for_generation=True) output (input_ids / attention_mask left-padded,
     clip_pixels, pose_pixels). The frozen encoders run once per image; the projected visual tokens, not the
@@ -2466,13 +2472,18 @@ def sample_policy(model, batch, G, max_new_tokens, temperature=1.0, top_p=1.0, g
                                temperature=temperature, top_p=top_p, stop_token_ids=() if eos is None else (eos,),
                                pad_token_id=cfg.llava.pad_token_id, capture_token_id=cfg.pose_token_id,
                                generator=generator)
-    dist = model.pose_head(gen.captured_hidden)  # (N, 144) each
-    valid = gen.captured  # (N,)
-    pose = torch.where(valid[:, None], dist.sample(generator), dist.mu)  # (N, 144)
-    pose_logprobs = torch.where(valid, dist.log_prob(pose), torch.zeros_like(dist.mu[:, 0]))  # (N,)
-    return Rollout(G=G, prompt_ids=prompt_ids, prompt_mask=prompt_mask, tokens=gen.tokens, mask=gen.mask,
-                   logprobs=gen.logprobs, pose=pose, pose_logprobs=pose_logprobs, mu=dist.mu,
-                   log_std=dist.log_std, valid=valid, v_a=v_a, v_b=v_b, temperature=temperature)
+    M = int(pose_samples)
+    if M < 1:
+        raise ValueError(f"pose_samples={pose_samples}; need at least one pose per answer")
+    rep = lambda t: t.repeat_interleave(M, dim=0)  # noqa: E731  (N, ...) -> (N*M, ...) each answer M times
+    dist = model.pose_head(rep(gen.captured_hidden))  # (N*M, 144) each
+    valid = rep(gen.captured)  # (N*M,)
+    pose = torch.where(valid[:, None], dist.sample(generator), dist.mu)  # (N*M, 144)
+    pose_logprobs = torch.where(valid, dist.log_prob(pose), torch.zeros_like(dist.mu[:, 0]))  # (N*M,)
+    return Rollout(G=G * M, prompt_ids=rep(prompt_ids), prompt_mask=rep(prompt_mask), tokens=rep(gen.tokens),
+                   mask=rep(gen.mask), logprobs=rep(gen.logprobs), pose=pose, pose_logprobs=pose_logprobs,
+                   mu=dist.mu, log_std=dist.log_std, valid=valid, v_a=v_a, v_b=v_b, temperature=temperature,
+                   pose_samples=M)
 
 
 class PolicyScores(typing.NamedTuple):
@@ -2497,23 +2508,27 @@ def policy_logprobs(model, rollout):
     if torch.is_grad_enabled() and (_requires_grad(model.llava.vision_tower) or _requires_grad(model.pose_encoder)):
         raise ValueError("policy_logprobs reuses the rollout's stored encoder features, so f_a and f_b must be "
                          "frozen (model.set_trainable('rft'))")
-    G, T0, Tn = rollout.G, rollout.prompt_ids.shape[1], rollout.tokens.shape[1]
+    M = rollout.pose_samples  # each answer appears M times in a row (sample_policy's pose_samples)
+    G, T0, Tn = rollout.G // M, rollout.prompt_ids.shape[1], rollout.tokens.shape[1]  # G answers per prompt
     visual = None
     if rollout.v_a is not None:
         visual = model.project(rollout.v_a, rollout.v_b).repeat_interleave(G, dim=0)  # (n*G, L_a + L_b, d)
     decoder, lm_head = model.llava.language_model.model, model.llava.language_model.lm_head
+    prompt_ids, prompt_mask = rollout.prompt_ids[::M], rollout.prompt_mask[::M]  # (N/M, T0) one per answer
+    tokens, mask = rollout.tokens[::M], rollout.mask[::M]  # (N/M, Tn)
     # The generated tokens are embedded as words, even a sampled <image> id, as generate fed them.
-    x = torch.cat([model.embed(rollout.prompt_ids, visual), decoder.embed_tokens(rollout.tokens)], dim=1)  # (N, T, d)
-    key_mask = torch.cat([rollout.prompt_mask.bool(), rollout.mask.bool()], dim=1)  # (N, T)
-    positions, attn_mask = positions_and_mask(key_mask, T0 + Tn)  # (N, T), (N, 1, T, T)
-    h = decoder(x, positions, attn_mask)  # (N, T, d)
-    logits = lm_head(h[:, T0 - 1:T0 + Tn - 1])  # (N, Tn, V): position t scores the token at t + 1
-    logprobs = token_logprobs(logits, rollout.tokens, rollout.temperature).masked_fill(~rollout.mask.bool(), 0.0)  # (N, Tn)
-    first, found = model.pose_positions(rollout.tokens, rollout.mask)  # (N,), (N,)
-    if not torch.equal(found, rollout.valid):
+    x = torch.cat([model.embed(prompt_ids, visual), decoder.embed_tokens(tokens)], dim=1)  # (N/M, T, d)
+    key_mask = torch.cat([prompt_mask.bool(), mask.bool()], dim=1)  # (N/M, T)
+    positions, attn_mask = positions_and_mask(key_mask, T0 + Tn)  # (N/M, T), (N/M, 1, T, T)
+    h = decoder(x, positions, attn_mask)  # (N/M, T, d)
+    logits = lm_head(h[:, T0 - 1:T0 + Tn - 1])  # (N/M, Tn, V): position t scores the token at t + 1
+    logprobs = token_logprobs(logits, tokens, rollout.temperature).masked_fill(~mask.bool(), 0.0)  # (N/M, Tn)
+    logprobs = logprobs.repeat_interleave(M, dim=0)  # (N, Tn) each answer's copies score alike
+    first, found = model.pose_positions(tokens, mask)  # (N/M,), (N/M,)
+    if not torch.equal(found.repeat_interleave(M), rollout.valid):
         raise ValueError("rollout.valid does not match the <POSE> tokens in rollout.tokens")
-    rows = torch.arange(h.shape[0], device=h.device)  # (N,)
-    dist = model.pose_head(h[rows, T0 + first])  # (N, 144) each
+    rows = torch.arange(h.shape[0], device=h.device)  # (N/M,)
+    dist = model.pose_head(h[rows, T0 + first].repeat_interleave(M, dim=0))  # (N, 144) each
     pose_logprobs = torch.where(rollout.valid, dist.log_prob(rollout.pose), torch.zeros_like(dist.mu[:, 0]))  # (N,)
     return PolicyScores(logprobs=logprobs, pose_logprobs=pose_logprobs, pose=dist)
 

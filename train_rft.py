@@ -65,6 +65,7 @@ class RFTConfig:
     algo: str = "hygrpo"              # "grpo" = discrete-only baseline of Fig. 4 (no pose-policy gradient)
     rewards: str = "joint:1,semantic:1,format:1,text:1"  # name:weight; weight 0 removes a reward (Table 5)
     G: int = 8                        # candidates per prompt
+    pose_samples: int = 8             # M poses per answer (not in the paper, note 16): 8 x 8 poses per prompt
     batch_size: int = 8               # prompts per rank per step (Table 4: 16 in total for the 7B run)
     task_mix: str = ""                # PoseWorld RFT prompts, e.g. "t2p:2,i2p:2,vqa:1"; "" = SFT's (equal thirds)
     max_steps: int = 150
@@ -72,13 +73,13 @@ class RFTConfig:
     clip_eps: float = 0.2             # epsilon of the clipped ratios
     # inner_epochs = 1: the policy that is scored IS the sampler, every ratio is exactly 1, and clip_eps
     # never acts (only the ratios' gradients matter; hygrpo.py notes 1, 15). Clipping needs >= 2.
-    beta: float = 0.04                # weight of the KL to the reference policy
-    pose_kl: str = "k3"               # pose part of the KL: "k3" at the sampled pose, or "exact" (closed form)
+    beta: float = 0.4                 # weight of the KL to pi_ref; 0.04 (GRPO's) let the pose drift (README)
+    pose_kl: str = "exact"            # pose KL: closed form ("exact", note 12), or GRPO's "k3" at the sample
     temperature: float = 1.0          # sampling temperature of the text policy
     top_p: float = 1.0
     max_new_tokens: int = 24
     # optimisation (Table 4, right column, for llava-1.5-7b: lr 1e-6, 1000 steps, cosine, AdamW)
-    lr: float = 3e-5                  # tiny; larger steps random-walk on the noisy 144-d gradient (README)
+    lr: float = 1e-4                  # tiny; with k3 and beta 0.04 this random-walked (README)
     min_lr_ratio: float = 0.1
     warmup_steps: int = 10
     weight_decay: float = 0.0
@@ -117,9 +118,10 @@ class RFTConfig:
 
 def candidates_of(rollout, batch, tokenizer, body_model, G):
     """What the rewards see of the N = B x G candidates (rewards.Candidates)."""
-    N = rollout.tokens.shape[0]
+    N, reps = rollout.tokens.shape[0], rollout.pose_samples
     keep = rollout.mask & (rollout.tokens != tokenizer.eos_id)  # (N, Tn) the answer without </s>
-    texts = [tokenizer.decode(rollout.tokens[i][keep[i]].tolist()) for i in range(N)]
+    texts = [tokenizer.decode(rollout.tokens[i][keep[i]].tolist()) for i in range(0, N, reps)]  # one per answer
+    texts = [t for t in texts for _ in range(reps)]  # (N,) an answer's pose draws share its text
     R = smpl.rot6d_to_matrix(rollout.pose.view(N, 24, 6))  # (N, 24, 3, 3)
     joints = pose_joints(body_model, rollout.pose)  # (N, 24, 3)
     has_gt = batch["has_pose"].repeat_interleave(G)  # (N,)
@@ -165,12 +167,13 @@ def global_normalisers(N, V, world_size, device):
 
 def hygrpo_step(policy, opt, params, batch, cfg, ctx, weights, body_model, tokenizer, generator, world_size):
     """Algorithm 1, lines 6-9, for one batch. Returns the metrics of the step (floats)."""
-    G = cfg.G
     timings = {}
     t0 = time.time()
-    # line 6: G outputs {a_i, p_i} ~ pi_theta(. | q) for each q
+    # line 6: G outputs {a_i, p_i} ~ pi_theta(. | q) for each q (G x pose_samples poses, note 16)
     policy.eval()  # no dropout while sampling
-    rollout = M.sample_policy(policy, batch, G, cfg.max_new_tokens, cfg.temperature, cfg.top_p, generator)
+    rollout = M.sample_policy(policy, batch, cfg.G, cfg.max_new_tokens, cfg.temperature, cfg.top_p, generator,
+                              pose_samples=cfg.pose_samples)
+    G = rollout.G  # candidates per prompt: cfg.G answers x cfg.pose_samples poses each
     timings["t_sample"] = time.time() - t0
 
     # line 7: rewards; R_d scores the text a_i, R_c the pose p_i

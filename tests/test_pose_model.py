@@ -609,6 +609,33 @@ def test_sample_policy_agrees_with_policy_logprobs(world, tokenizer):
     assert torch.equal(scores.logprobs[~rollout.mask], torch.zeros(int((~rollout.mask).sum())))
 
 
+def test_pose_samples_draw_several_poses_per_answer(world, tokenizer):
+    """pose_samples = M: each of the G answers of a prompt gets M poses from its own Gaussian, G x M
+    candidates per prompt. The M copies share the answer, its log-probs and its Gaussian; their poses
+    differ; and scoring the rollout (which runs the decoder once per answer) equals scoring the same
+    candidates written out one by one with M = 1. Catches copies misaligned with their answer (a pose
+    scored under another answer's Gaussian) and a decoder pass that mixes rows."""
+    config, model = pose_prone_model(tokenizer)
+    G, M = 3, 4
+    batch = batch_of(world, tokenizer, config, [0, 2, 3], for_generation=True)
+    rollout = sample_policy(model, batch, G=G, max_new_tokens=6, generator=torch.Generator().manual_seed(1),
+                            pose_samples=M)
+    N = 3 * G * M
+    assert rollout.G == G * M and rollout.pose_samples == M and rollout.pose.shape == (N, 144)
+    answers = rollout.tokens.view(3 * G, M, -1)  # (answers, M, Tn)
+    assert torch.equal(answers, answers[:, :1].expand_as(answers))  # copies share the text
+    assert torch.equal(rollout.mu.view(3 * G, M, 144), rollout.mu.view(3 * G, M, 144)[:, :1].expand(-1, M, -1))
+    v = rollout.valid.view(3 * G, M)[:, 0]  # (answers,)
+    assert v.any() and (rollout.pose.view(3 * G, M, 144)[v].std(1) > 0).all()  # the poses differ
+    scores = policy_logprobs(model, rollout)
+    assert torch.allclose(scores.logprobs, rollout.logprobs, atol=1e-4)
+    assert torch.allclose(scores.pose_logprobs, rollout.pose_logprobs, atol=1e-4, rtol=1e-5)
+    flat = dataclasses.replace(rollout, pose_samples=1)  # the same N candidates, each scored on its own
+    one_by_one = policy_logprobs(model, flat)
+    assert torch.allclose(scores.logprobs, one_by_one.logprobs, atol=1e-5)
+    assert torch.allclose(scores.pose_logprobs, one_by_one.pose_logprobs, atol=1e-4, rtol=1e-5)
+
+
 def test_sampler_and_scorer_are_the_same_policy_at_temperature_07(world, tokenizer):
     """Answers sampled at temperature 0.7 come from softmax(logits / 0.7); the ratio's old policy and the
     KL's current and reference policies must be that same tempered policy (TRL's and verl's GRPO score at
