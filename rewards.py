@@ -1097,6 +1097,41 @@ def r_oracle(c: Candidates, ctx: RewardContext) -> torch.Tensor:
     return torch.where(ok, acc, torch.zeros_like(acc)).to(c.valid.device)  # (n,)
 
 
+# Class exercises (README, "Class exercises"): rewards a student adds, kept here so that they stay
+# runnable (tests/test_exercises.py runs each for a few RFT steps). Not in the paper, not in the defaults.
+
+
+def joint_angles(R: torch.Tensor) -> torch.Tensor:
+    """The (x, y, z) angles in degrees of rotations R = Ry(y) Rz(z) Rx(x), PoseWorld's joint-angle
+    convention (data.euler_to_matrix, which this inverts for |z| < 90 degrees). (..., 3, 3) -> (..., 3)"""
+    z = torch.asin(R[..., 1, 0].clamp(-1.0, 1.0))  # R[1, 0] = sin z
+    y = torch.atan2(-R[..., 2, 0], R[..., 0, 0])  # R[2, 0] = -sin y cos z, R[0, 0] = cos y cos z
+    x = torch.atan2(-R[..., 1, 2], R[..., 1, 1])  # R[1, 2] = -cos z sin x, R[1, 1] = cos z cos x
+    return torch.rad2deg(torch.stack([x, y, z], -1))  # (..., 3)
+
+
+@register_reward("limits", kind="continuous", tasks=("t2p", "i2p"))
+def r_limits(c: Candidates, ctx: RewardContext) -> torch.Tensor:
+    """Exercise 3, a plausibility prior: minus the degrees by which the 23 body joints leave PoseWorld's
+    joint limits (data.JOINT_LIMITS), summed, per 100 degrees. 0 for a pose within every limit. Caveat
+    worth a class discussion: at z = +-90 degrees (an arm straight out to the side) Euler angles lose a
+    degree of freedom (gimbal lock), x and y are then not defined one by one, and a legal pose can read
+    as outside its limits."""
+    angles = joint_angles(c.pose[:, 1:].float())  # (n, 23, 3) degrees
+    limits = data.JOINT_LIMITS[1:].to(angles.device)  # (23, 3, 2) low, high
+    outside = (limits[..., 0] - angles).clamp(min=0) + (angles - limits[..., 1]).clamp(min=0)  # (n, 23, 3)
+    return -outside.sum((1, 2)) / 100  # (n,)
+
+
+@register_reward("symmetry", kind="continuous", tasks=("t2p",))
+def r_symmetry(c: Candidates, ctx: RewardContext) -> torch.Tensor:
+    """Exercise 2, a reward to hack: minus the mean distance (metres) between the body and its left-right
+    mirror image. A policy can raise it by giving every caption a symmetric pose, whatever the caption
+    says about one side: watch the posecode accuracy of one-sided captions fall while it rises."""
+    J = body_frame(c.joints)  # (n, 24, 3)
+    return -(J - mirror_joints(J)).norm(dim=-1).mean(-1)  # (n,)
+
+
 DEFAULT_WEIGHTS = "joint:1,semantic:1,format:1,text:1"  # the paper's four rewards (it gives no weights)
 
 

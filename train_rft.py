@@ -22,7 +22,7 @@ Launch:
     torchrun --standalone --nproc_per_node=8 train_rft.py --preset=llava-1.5-7b --sft_dir=out/7b-sft \
         --llava_path=/models/llava-1.5-7b-hf --pose_encoder_path=/models/hmr2.ckpt \
         --smpl_path=/models/SMPL_NEUTRAL.pkl --bge_path=/models/bge-m3 --lr=1e-6 --batch_size=2 \
-        --max_steps=1000 --dtype=bfloat16
+        --max_steps=1000 --dtype=bfloat16 --beta=0.04 --pose_kl=k3 --pose_samples=1   # the paper's GRPO settings
 A run killed mid-way continues with `--resume=true` (same out_dir) from its last checkpoint, with the
 same step, optimiser, schedule, RNG and data position.
 """
@@ -64,6 +64,7 @@ class RFTConfig:
     # HyGRPO (Eq. 6)
     algo: str = "hygrpo"              # "grpo" = discrete-only baseline of Fig. 4 (no pose-policy gradient)
     rewards: str = "joint:1,semantic:1,format:1,text:1"  # name:weight; weight 0 removes a reward (Table 5)
+    reward_retriever: str = "reward"  # the semantic reward's retriever; "eval" breaks Table 6's check (exercise)
     G: int = 8                        # candidates per prompt
     pose_samples: int = 8             # M poses per answer (not in the paper, note 16): 8 x 8 poses per prompt
     batch_size: int = 8               # prompts per rank per step (Table 4: 16 in total for the 7B run)
@@ -352,7 +353,8 @@ def reward_context(cfg, weights, policy, tokenizer, device):
     """The shared resources of the rewards: the reward retriever (never the eval one), the text embedder."""
     retriever = None
     if weights.get("semantic", 0) > 0:
-        retriever = rewards.PoseTextRetriever.load(os.path.join(cfg.sft_dir, "retriever_reward"), device=device)
+        retriever = rewards.PoseTextRetriever.load(os.path.join(cfg.sft_dir, f"retriever_{cfg.reward_retriever}"),
+                                                   device=device)
     if cfg.bge_path:
         embedder = rewards.BGEM3TextEmbedder(cfg.bge_path, device=device)
     else:  # the stand-in for BGE-M3: mean-pooled hidden states of the frozen reference model
@@ -364,6 +366,8 @@ def main(argv=None):
     cfg = train_sft.check_config(apply_overrides(RFTConfig(), sys.argv[1:] if argv is None else argv))
     if cfg.algo not in ("hygrpo", "grpo"):
         raise SystemExit(f"--algo must be hygrpo or grpo, got {cfg.algo!r}")
+    if cfg.reward_retriever not in ("reward", "eval"):
+        raise SystemExit(f"--reward_retriever must be reward or eval, got {cfg.reward_retriever!r}")
     if cfg.pose_kl not in ("k3", "exact"):
         raise SystemExit(f"--pose_kl must be k3 or exact, got {cfg.pose_kl!r}")
     weights = rewards.parse_weights(cfg.rewards)
@@ -494,7 +498,7 @@ def make_evaluator(cfg, tokenizer, body_model, ctx, train_set, device):
     test_set = data.PoseWorld("test", seed=cfg.seed, image_size=cfg.image_size)
     load = lambda name: rewards.PoseTextRetriever.load(os.path.join(cfg.sft_dir, f"retriever_{name}"),  # noqa: E731
                                                        device=device)
-    retrievers = {"eval": load("eval"), "reward": ctx.retriever or load("reward")}
+    retrievers = {"eval": load("eval"), "reward": load("reward")}
     baseline_poses = {task: train_set.poses[train_set.task_indices(task)] for task in ("i2p", "t2p")}
     limit = cfg.eval_size or None  # 0: the whole split
 
