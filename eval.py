@@ -661,7 +661,7 @@ def compare_runs(groups: dict) -> str:
 
 CURVE_SCALARS = ("kl_d", "kl_c_exact")  # besides reward/<name>/<task>: the two KL terms, when logged
 COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#7f7f7f"]
-PANEL_W, PANEL_H, PAD_L, PAD_R, PAD_T, PAD_B, HEAD = 250, 170, 48, 12, 22, 38, 46  # pixels
+PANEL_W, PANEL_H, PAD_L, PAD_R, PAD_T, PAD_B = 250, 170, 48, 12, 22, 38  # pixels
 
 
 def read_metrics(path: str) -> list:
@@ -747,27 +747,30 @@ def _panel(x0: float, y0: float, title: str, series: list) -> list:
 
 
 def _figure(title: str, panels: list, legend: list) -> str:
-    """Panels in a grid of up to 3 columns under a header holding the title and the legend (outside every
-    data area). panels: (title, series); legend: (colour, text, kind)."""
+    """Panels in a grid of up to 3 columns under a header holding the title and the legend, wrapped to the
+    figure's width (outside every data area). panels: (title, series); legend: (colour, text, kind)."""
     from xml.sax.saxutils import escape
     cols = min(3, max(1, len(panels)))
-    W, H = cols * PANEL_W, HEAD + math.ceil(len(panels) / cols) * PANEL_H
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" '
-           f'font-size="11"><rect width="100%" height="100%" fill="white"/>',
-           f'<text x="8" y="16" font-size="13">{escape(title)}</text>', '<g class="legend">']
-    x = 8
+    W, x, y = cols * PANEL_W, 8, 26
+    marks = ['<g class="legend">']
     for colour, text, kind in legend:
+        width = 30 + 6.5 * len(text)  # about 6.5 px per character at 11 px
+        if x > 8 and x + width > W:
+            x, y = 8, y + 16
         if kind == "spread":
-            mark = f'<rect x="{x}" y="26" width="18" height="10" fill="{colour}" fill-opacity="0.2"/>'
+            mark = f'<rect x="{x}" y="{y}" width="18" height="10" fill="{colour}" fill-opacity="0.2"/>'
         else:
-            mark = (f'<line x1="{x}" x2="{x + 18}" y1="31" y2="31" stroke="{colour}" '
+            mark = (f'<line x1="{x}" x2="{x + 18}" y1="{y + 5}" y2="{y + 5}" stroke="{colour}" '
                     + ('stroke-width="2"/>' if kind == "mean" else 'stroke-opacity="0.3"/>'))
-        out.append(mark + f'<text x="{x + 22}" y="35">{escape(text)}</text>')
-        x += 30 + 6 * len(text)  # about 6 px per character at 11 px
-    out.append("</g>")
+        marks.append(mark + f'<text x="{x + 22}" y="{y + 9}">{escape(text)}</text>')
+        x += width
+    head, rows = y + 20, math.ceil(len(panels) / cols)  # the panels start below the legend
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{head + rows * PANEL_H}" '
+           'font-family="sans-serif" font-size="11"><rect width="100%" height="100%" fill="white"/>',
+           f'<text x="8" y="16" font-size="13">{escape(title)}</text>'] + marks + ["</g>"]
     for i, (name, series) in enumerate(panels):
         r, c = divmod(i, cols)
-        out += _panel(c * PANEL_W, HEAD + r * PANEL_H, escape(name), series)
+        out += _panel(c * PANEL_W, head + r * PANEL_H, escape(name), series)
     return "\n".join(out + ["</svg>"])
 
 
@@ -793,7 +796,10 @@ def reward_curves_svg(rows: list, title: str = "reward per RFT step") -> str:
 def comparison_svg(groups: dict, title: str = "reward per RFT step, mean over seeds") -> str:
     """Fig. 4 / Table 5 runs overlaid: groups {label: [metrics.jsonl path, one per seed]}. In each reward's
     panel, one line per label (the mean over its seeds of the running means) and the min-max of the seeds
-    shaded, at the steps every seed reached (a seed stopped early would otherwise make the mean jump)."""
+    shaded, at the steps where every seed has a value (a seed stopped early, or without that task's prompt
+    in a step, would otherwise make the mean jump)."""
+    if not groups or not all(groups.values()):
+        raise ValueError(f"comparison_svg: every label needs at least one metrics.jsonl; got {groups}")
     runs = {label: [read_metrics(p) for p in paths] for label, paths in groups.items()}
     window = max(1, round(0.1 * max(len(rows) for seeds in runs.values() for rows in seeds)))
     keys = sorted({k for seeds in runs.values() for rows in seeds for k in curve_keys(rows)},
@@ -817,9 +823,11 @@ def comparison_svg(groups: dict, title: str = "reward per RFT step, mean over se
             series.append(dict(steps=steps, ys=[sum(v) / len(v) for v in per_step], colour=colour, kind="mean"))
         if series:
             panels.append((_panel_title(key), series))
-    legend = [(COLOURS[i % len(COLOURS)], f"{label} ({len(seeds)} seeds)", "mean")
+    legend = [(COLOURS[i % len(COLOURS)], f"{label} ({len(seeds)} seed{'s' * (len(seeds) > 1)})", "mean")
               for i, (label, seeds) in enumerate(runs.items())]
-    legend.append(("#000000", f"shaded: min-max over seeds; running mean of {window} steps", "spread"))
+    if any(len(seeds) > 1 for seeds in runs.values()):
+        legend.append(("#000000", "shaded: min-max over seeds", "spread"))
+    legend.append(("#000000", f"lines: running mean of {window} steps", "mean"))
     return _figure(title, panels, legend)
 
 

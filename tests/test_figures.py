@@ -56,6 +56,13 @@ def path_points(path, panel):
     return pts
 
 
+def assert_legend_outside(root, ps):
+    """Every legend mark and text lies above the highest y tick of every panel: outside the data areas."""
+    legend = next(g for g in root.iter("{%s}g" % NS["s"]) if g.get("class") == "legend")
+    lowest = max(float(e.get("y", e.get("y2"))) + float(e.get("height", 0)) for e in legend)
+    assert lowest < min(float(t.get("y1")) for p in ps for t in p.findall("s:line[@class='ytick']", NS))
+
+
 def test_one_run_has_labelled_panels_whose_ticks_match_the_curves(tmp_path):
     """One panel per reward and task (a task never sampled gets none) plus kl_c_exact, each with an axis,
     numeric x and y ticks that bracket the data, a title naming reward and task, one faint per-step path
@@ -79,10 +86,7 @@ def test_one_run_has_labelled_panels_whose_ticks_match_the_curves(tmp_path):
         np.testing.assert_allclose([y for _, y in got], vals, atol=2e-3 * (yt[-1] - yt[0]))
         want = [np.mean(vals[max(0, j - 3):j + 1]) for j in range(40)]  # window: 10% of 40 steps
         np.testing.assert_allclose([y for _, y in path_points(mean[0], p)], want, atol=2e-3 * (yt[-1] - yt[0]))
-    legend = next(g for g in root.iter("{%s}g" % NS["s"]) if g.get("class") == "legend")
-    lowest_legend = max(float(e.get(a)) for e in legend for a in ("y", "y2") if e.get(a))
-    top_axis = min(float(t.get("y1")) for p in ps for t in p.findall("s:line[@class='ytick']", NS))
-    assert lowest_legend < top_axis  # the legend sits above every data area
+    assert_legend_outside(root, ps)
 
 
 def test_nan_steps_are_skipped_not_drawn_as_zero(tmp_path):
@@ -108,12 +112,13 @@ def test_comparison_overlays_one_line_per_label_with_the_seed_spread(tmp_path):
     """{label: [metrics.jsonl per seed]}: one panel per reward, in each exactly one mean line per label and
     one shaded band per label with several seeds (none for a single seed); the line is the mean over seeds
     of the running means and the band spans their min and max. Catches a line per seed instead of per
-    label, a missing spread, and a mean or band computed over the wrong runs."""
+    label, a missing spread, a mean or band computed over the wrong runs, and a legend over the data."""
     groups = {"hygrpo": [write_run(tmp_path / f"h{s}.jsonl", shift=0.1 * s, seed=s) for s in range(3)],
               "grpo": [write_run(tmp_path / f"g{s}.jsonl", shift=-0.2, seed=10 + s) for s in range(2)],
               "one seed": [write_run(tmp_path / "o.jsonl", shift=0.5, seed=20)]}
-    _, ps = panels(E.comparison_svg(groups))
+    root, ps = panels(E.comparison_svg(groups))
     assert len(ps) == 3
+    assert_legend_outside(root, ps)
     for p in ps:
         assert len(p.findall("s:path[@class='mean']", NS)) == 3
         assert len(p.findall("s:path[@class='spread']", NS)) == 2
