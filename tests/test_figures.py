@@ -113,8 +113,10 @@ def test_comparison_overlays_one_line_per_label_with_the_seed_spread(tmp_path):
     one shaded band per label with several seeds (none for a single seed); the line is the mean over seeds
     of the running means and the band spans their min and max. Catches a line per seed instead of per
     label, a missing spread, a mean or band computed over the wrong runs, and a legend over the data."""
-    groups = {"hygrpo": [write_run(tmp_path / f"h{s}.jsonl", shift=0.1 * s, seed=s) for s in range(3)],
-              "grpo": [write_run(tmp_path / f"g{s}.jsonl", shift=-0.2, seed=10 + s) for s in range(2)],
+    hy = [write_run(tmp_path / f"h{s}.jsonl", shift=0.1 * s, seed=s) for s in range(3)]
+    groups = {"hygrpo, all four rewards": hy,  # long labels: the legend wraps to a second row
+              "grpo, discrete rewards only": [write_run(tmp_path / f"g{s}.jsonl", shift=-0.2, seed=10 + s)
+                                              for s in range(2)],
               "one seed": [write_run(tmp_path / "o.jsonl", shift=0.5, seed=20)]}
     root, ps = panels(E.comparison_svg(groups))
     assert len(ps) == 3
@@ -125,7 +127,7 @@ def test_comparison_overlays_one_line_per_label_with_the_seed_spread(tmp_path):
         assert len(p.findall("s:path[@class='raw']", NS)) == 0
     p = ps[1]
     assert p.find("s:text[@class='title']", NS).text == "semantic reward, t2p"
-    seeds = [E.running_mean(E.read_metrics(f), "reward/semantic/t2p", 4)[2] for f in groups["hygrpo"]]
+    seeds = [E.running_mean(E.read_metrics(f), "reward/semantic/t2p", 4)[2] for f in hy]
     line = path_points(p.findall("s:path[@class='mean']", NS)[0], p)
     yt = [v for _, v in ticks(p, "y")]
     np.testing.assert_allclose([y for _, y in line], np.mean(seeds, 0), atol=2e-3 * (yt[-1] - yt[0]))
