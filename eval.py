@@ -4,6 +4,9 @@ Image-to-pose: MPJPE and PA-MPJPE, the mean Euclidean distance between predicted
 joints without and with Procrustes alignment (Table 1). Text-to-pose: Recall@K, K = 5, 10, 20, in
 both directions, text-to-pose (R^T2P) and pose-to-text (R^P2T), under the two protocols of Table 2.
 
+Figures: the reward curves of one run or of several runs over seeds (Fig. 4, Table 5) as plain SVG, one
+panel per reward and task (`reward_curves_svg`, `comparison_svg`; `python eval.py --compare ... --figure=f.svg`).
+
 The metric functions are pure functions over tensors and come first. Units: joints in metres in,
 errors in metres out; printed tables multiply by 1000 for millimetres. Recalls are in percent.
 """
