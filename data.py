@@ -1140,8 +1140,13 @@ _FONT = {
     " ": "000000000000000", ".": "000000000000010", ",": "000000000010100", "-": "000000111000000",
     "+": "000010111010000", ":": "000010000010000", "=": "000111000111000", "/": "001001010100100",
     "(": "010100100100010", ")": "010001001001010", "%": "101001010100101", "_": "000000000000111",
-    "?": "111001010000010",
+    "?": "111001010000010", "'": "010010000000000",
 }
+
+
+def _fit(text: str, n: int) -> str:
+    """text cut to n characters, ending in '..' when cut (a caption shortened to its row's width)."""
+    return text if len(text) <= n else text[:max(0, n - 2)].rstrip() + ".."
 
 
 def _draw_text(canvas: torch.Tensor, text: str, row: int, col: int, scale: int = 1) -> None:
@@ -1169,13 +1174,14 @@ VIEWS = {
 
 
 def render_poses(joints, path: str, views=("front", "side"), titles=None, size: int = 128, cols: int | None = None,
-                 extent: float = 2.3) -> torch.Tensor:
+                 extent: float = 2.3, row_labels=None) -> torch.Tensor:
     """Write a PNG grid of skeletons, one cell per pose, and in each cell one size x size panel per view.
 
     joints: (N, 24, 3) tensor or a list of (24, 3), in the body frame (use pose_body for camera-frame
     poses); titles: N strings drawn in each cell's corner with a 3x5 font (optional); cols: cells per
     row (default ceil(sqrt(N))); extent: metres across a panel (the same scale in every panel, so
-    poses can be compared). Orthographic views, the colours of the PoseWorld images. Used for the
+    poses can be compared); row_labels: one string per row of cells, drawn in a band above the row and
+    shortened to its width (optional). Orthographic views, the colours of the PoseWorld images. Used for the
     training-progress figure (Fig. 5) and the README. Returns the image (3, H, W) uint8."""
     J = (torch.stack([torch.as_tensor(j) for j in joints]) if isinstance(joints, (list, tuple))
          else torch.as_tensor(joints))
@@ -1189,6 +1195,8 @@ def render_poses(joints, path: str, views=("front", "side"), titles=None, size: 
     N, V = J.shape[0], len(views)
     cols = cols or math.ceil(math.sqrt(N))
     rows = math.ceil(N / cols)
+    if row_labels is not None and len(row_labels) != rows:
+        raise ValueError(f"row_labels must give one string per row of cells ({rows}); got {len(row_labels)}")
     J = J.detach().cpu().float()
     P = torch.cat([J, _head_centre(J)[:, None]], 1)  # (N, 25, 3)
     a, b = [k for k, _ in _SEGMENTS], [k for _, k in _SEGMENTS]
@@ -1208,9 +1216,17 @@ def render_poses(joints, path: str, views=("front", "side"), titles=None, size: 
             canvas[:, r * size:(r + 1) * size, (c * V + v) * size:(c * V + v + 1) * size] = panels[i]
     canvas[:, ::size, :] = 90  # thin grid lines between cells and panels
     canvas[:, :, ::size] = 90
+    s = max(1, size // 64)  # font scale: 5 px letters are unreadable on a 128 px panel
     for i, title in enumerate(titles or []):
         r, c = divmod(i, cols)
-        _draw_text(canvas, str(title), r * size + 3, c * V * size + 3, scale=max(1, size // 96))
+        _draw_text(canvas, str(title), r * size + 3, c * V * size + 3, scale=s)
+    if row_labels is not None:  # a darker band above each row of cells holds its label
+        strips = []
+        for r, label in enumerate(row_labels):
+            band = torch.full((3, 9 * s, canvas.shape[2]), 20, dtype=torch.uint8)  # (3, 9s, W)
+            _draw_text(band, _fit(str(label), (canvas.shape[2] - 6) // (4 * s)), 2 * s, 3, scale=s)
+            strips += [band, canvas[:, r * size:(r + 1) * size]]
+        canvas = torch.cat(strips, 1)  # (3, rows * (size + 9s), W)
     write_png(path, canvas.permute(1, 2, 0))
     return canvas
 

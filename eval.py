@@ -4,11 +4,15 @@ Image-to-pose: MPJPE and PA-MPJPE, the mean Euclidean distance between predicted
 joints without and with Procrustes alignment (Table 1). Text-to-pose: Recall@K, K = 5, 10, 20, in
 both directions, text-to-pose (R^T2P) and pose-to-text (R^P2T), under the two protocols of Table 2.
 
+Figures: the reward curves of one run or of several runs over seeds (Fig. 4, Table 5) as plain SVG, one
+panel per reward and task (`reward_curves_svg`, `comparison_svg`; `python eval.py --compare ... --figure=f.svg`).
+
 The metric functions are pure functions over tensors and come first. Units: joints in metres in,
 errors in metres out; printed tables multiply by 1000 for millimetres. Recalls are in percent.
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -656,6 +660,190 @@ def compare_runs(groups: dict) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------
+# Figures: reward curves (Fig. 4) as plain SVG, one panel per reward and task; no plotting library at run time
+
+CURVE_SCALARS = ("kl_d", "kl_c_exact")  # besides reward/<name>/<task>: the two KL terms, when logged
+COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#7f7f7f"]
+PANEL_W, PANEL_H, PAD_L, PAD_R, PAD_T, PAD_B = 250, 170, 48, 12, 22, 38  # pixels
+
+
+def read_metrics(path: str) -> list:
+    """The rows of a metrics.jsonl, in step order (json reads the NaN that marks a step without that task)."""
+    import json
+    with open(path) as f:
+        return sorted((json.loads(line) for line in f if line.strip()), key=lambda r: r["step"])
+
+
+def curve_keys(rows: list) -> list:
+    """The panels' keys: every reward/<name>/<task> in the rows, then CURVE_SCALARS that are present."""
+    keys = {k for r in rows for k in r}
+    return sorted(k for k in keys if k.startswith("reward/")) + [k for k in CURVE_SCALARS if k in keys]
+
+
+def running_mean(rows: list, key: str, window: int) -> tuple[list, list, list]:
+    """(steps, raw, mean): the finite values of key and, at the same steps, the mean of the finite values
+    of the last `window` rows. NaN (no prompt of that task in the step) is left out, never counted as 0."""
+    vals = [r.get(key, float("nan")) for r in rows]
+    ok = [v is not None and math.isfinite(v) for v in vals]
+    steps, raw, mean = [], [], []
+    for j, r in enumerate(rows):
+        if not ok[j]:
+            continue
+        win = [v for v, o in zip(vals[max(0, j - window + 1):j + 1], ok[max(0, j - window + 1):j + 1]) if o]
+        steps.append(r["step"])
+        raw.append(vals[j])
+        mean.append(sum(win) / len(win))
+    return steps, raw, mean
+
+
+def nice_ticks(lo: float, hi: float, n: int = 4) -> list:
+    """About n round ticks (1, 2 or 5 x 10^k apart) whose first and last bracket [lo, hi]: the axis then
+    spans the ticks, so no value falls outside its labelled range."""
+    if not hi - lo > 1e-12 * max(1.0, abs(lo)):  # one value: widen so the axis has a length
+        lo, hi = lo - max(abs(lo) * 0.1, 0.5), hi + max(abs(hi) * 0.1, 0.5)
+    raw = (hi - lo) / n
+    unit = 10 ** math.floor(math.log10(raw))
+    step = next(m * unit for m in (1, 2, 5, 10) if m * unit >= raw * (1 - 1e-9))
+    first, last = math.floor(lo / step + 1e-9), math.ceil(hi / step - 1e-9)
+    return [round(k * step, 12) for k in range(first, last + 1)]
+
+
+def _fmt(t: float, ticks: list) -> str:
+    """A tick label with as many decimals as the tick spacing needs (0.05 apart: 2; 20 apart: 0)."""
+    d = max(0, -math.floor(math.log10(ticks[1] - ticks[0]) + 1e-9))
+    return f"{t:.{d}f}"
+
+
+def _panel(x0: float, y0: float, title: str, series: list) -> list:
+    """One panel's SVG elements. series: dicts with steps, ys, colour, kind ("raw", "mean", "spread")
+    and, for "spread", lo and hi. Axes span the round ticks of all values, the spread included."""
+    xs = [s for d in series for s in d["steps"]]
+    ys = [y for d in series for y in d.get("lo", []) + d.get("hi", []) + d["ys"]]
+    xt, yt = nice_ticks(min(xs), max(xs)), nice_ticks(min(ys), max(ys))
+    w, h = PANEL_W - PAD_L - PAD_R, PANEL_H - PAD_T - PAD_B
+    X = lambda s: x0 + PAD_L + w * (s - xt[0]) / (xt[-1] - xt[0])  # noqa: E731
+    Y = lambda y: y0 + PAD_T + h * (yt[-1] - y) / (yt[-1] - yt[0])  # noqa: E731
+    line = lambda st, vs: "M" + " L".join(f"{X(s):.1f},{Y(v):.1f}" for s, v in zip(st, vs))  # noqa: E731
+    left, bottom = X(xt[0]), Y(yt[0])
+    out = [f'<g class="panel"><text class="title" x="{x0 + PAD_L}" y="{y0 + 14}" font-weight="bold">{title}</text>',
+           f'<path class="axis" d="M{left:.1f},{Y(yt[-1]):.1f} V{bottom:.1f} H{X(xt[-1]):.1f}" stroke="black" '
+           'fill="none"/>']
+    for t in xt:
+        out.append(f'<line class="xtick" x1="{X(t):.1f}" x2="{X(t):.1f}" y1="{bottom:.1f}" y2="{bottom + 4:.1f}" '
+                   f'stroke="black"/><text class="xtick" x="{X(t):.1f}" y="{bottom + 15:.1f}" '
+                   f'text-anchor="middle">{_fmt(t, xt)}</text>')
+    for t in yt:
+        out.append(f'<line class="ytick" x1="{left - 4:.1f}" x2="{left:.1f}" y1="{Y(t):.1f}" y2="{Y(t):.1f}" '
+                   f'stroke="black"/><text class="ytick" x="{left - 6:.1f}" y="{Y(t) + 4:.1f}" '
+                   f'text-anchor="end">{_fmt(t, yt)}</text>')
+    out.append(f'<text class="xlabel" x="{x0 + PAD_L + w / 2:.1f}" y="{y0 + PANEL_H - 6:.1f}" '
+               'text-anchor="middle">RFT step</text>')
+    for d in series:  # the bands first, under every line: along hi, back along lo
+        if d["kind"] == "spread":
+            back = line(d["steps"][::-1], d["lo"][::-1])[1:]
+            out.append(f'<path class="spread" d="{line(d["steps"], d["hi"])} L{back} Z" fill="{d["colour"]}" '
+                       'fill-opacity="0.2" stroke="none"/>')
+    for kind, style in (("raw", 'stroke-opacity="0.3"'), ("mean", 'stroke-width="2"')):  # the means on top
+        out += [f'<path class="{kind}" d="{line(d["steps"], d["ys"])}" fill="none" stroke="{d["colour"]}" {style}/>'
+                for d in series if d["kind"] == kind]
+    return out + ["</g>"]
+
+
+def _figure(title: str, panels: list, legend: list) -> str:
+    """Panels in a grid of up to 3 columns under a header holding the title and the legend, wrapped to the
+    figure's width (outside every data area). panels: (title, series); legend: (colour, text, kind)."""
+    from xml.sax.saxutils import escape
+    cols = min(3, max(1, len(panels)))
+    W, x, y = cols * PANEL_W, 8, 26
+    marks = ['<g class="legend">']
+    for colour, text, kind in legend:
+        width = 30 + 6.5 * len(text)  # about 6.5 px per character at 11 px
+        if x > 8 and x + width > W:
+            x, y = 8, y + 16
+        if kind == "spread":
+            mark = f'<rect x="{x}" y="{y}" width="18" height="10" fill="{colour}" fill-opacity="0.2"/>'
+        else:
+            mark = (f'<line x1="{x}" x2="{x + 18}" y1="{y + 5}" y2="{y + 5}" stroke="{colour}" '
+                    + ('stroke-width="2"/>' if kind == "mean" else 'stroke-opacity="0.3"/>'))
+        marks.append(mark + f'<text x="{x + 22}" y="{y + 9}">{escape(text)}</text>')
+        x += width
+    head, rows = y + 20, math.ceil(len(panels) / cols)  # the panels start below the legend
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{head + rows * PANEL_H}" '
+           'font-family="sans-serif" font-size="11"><rect width="100%" height="100%" fill="white"/>',
+           f'<text x="8" y="16" font-size="13">{escape(title)}</text>'] + marks + ["</g>"]
+    for i, (name, series) in enumerate(panels):
+        r, c = divmod(i, cols)
+        out += _panel(c * PANEL_W, head + r * PANEL_H, escape(name), series)
+    return "\n".join(out + ["</svg>"])
+
+
+def _panel_title(key: str) -> str:  # "reward/semantic/t2p" -> "semantic reward, t2p"
+    parts = key.split("/")
+    return f"{parts[1]} reward, {parts[2]}" if parts[0] == "reward" and len(parts) == 3 else key
+
+
+def reward_curves_svg(rows: list, title: str = "reward per RFT step") -> str:
+    """Fig. 4 for one run: a panel per reward and task (and per CURVE_SCALARS key), the value of each step
+    drawn faintly and its running mean over ~10% of the steps solid."""
+    window = max(1, round(0.1 * len(rows)))
+    panels = []
+    for key in curve_keys(rows):
+        steps, raw, mean = running_mean(rows, key, window)
+        if steps:  # a task never sampled has no panel
+            panels.append((_panel_title(key), [dict(steps=steps, ys=raw, colour=COLOURS[0], kind="raw"),
+                                               dict(steps=steps, ys=mean, colour=COLOURS[0], kind="mean")]))
+    return _figure(title, panels, [(COLOURS[0], "each step", "raw"),
+                                   (COLOURS[0], f"running mean of {window} steps", "mean")])
+
+
+def comparison_svg(groups: dict, title: str = "reward per RFT step, mean over seeds") -> str:
+    """Fig. 4 / Table 5 runs overlaid: groups {label: [metrics.jsonl path, one per seed]}. In each reward's
+    panel, one line per label (the mean over its seeds of the running means) and the min-max of the seeds
+    shaded, at the steps where every seed has a value (a seed stopped early, or without that task's prompt
+    in a step, would otherwise make the mean jump)."""
+    if not groups or not all(groups.values()):
+        raise ValueError(f"comparison_svg: every label needs at least one metrics.jsonl; got {groups}")
+    runs = {label: [read_metrics(p) for p in paths] for label, paths in groups.items()}
+    window = max(1, round(0.1 * max(len(rows) for seeds in runs.values() for rows in seeds)))
+    keys = sorted({k for seeds in runs.values() for rows in seeds for k in curve_keys(rows)},
+                  key=lambda k: (not k.startswith("reward/"), k))
+    panels = []
+    for key in keys:
+        series = []
+        for i, (label, seeds) in enumerate(runs.items()):
+            means = []  # per seed {step: running mean}
+            for rows in seeds:
+                steps, _, mean = running_mean(rows, key, window)
+                means.append(dict(zip(steps, mean)))
+            steps = sorted(set.intersection(*(set(m) for m in means)))
+            if not steps:
+                continue
+            per_step = [[m[s] for m in means] for s in steps]
+            colour = COLOURS[i % len(COLOURS)]
+            if len(seeds) > 1:
+                series.append(dict(steps=steps, ys=[], lo=[min(v) for v in per_step], hi=[max(v) for v in per_step],
+                                   colour=colour, kind="spread"))
+            series.append(dict(steps=steps, ys=[sum(v) / len(v) for v in per_step], colour=colour, kind="mean"))
+        if series:
+            panels.append((_panel_title(key), series))
+    legend = [(COLOURS[i % len(COLOURS)], f"{label} ({len(seeds)} seed{'s' * (len(seeds) > 1)})", "mean")
+              for i, (label, seeds) in enumerate(runs.items())]
+    if any(len(seeds) > 1 for seeds in runs.values()):
+        legend.append(("#000000", "shaded: min-max over seeds", "spread"))
+    legend.append(("#000000", f"lines: running mean of {window} steps", "mean"))
+    return _figure(title, panels, legend)
+
+
+def write_svg(svg: str, path: str) -> None:
+    """Write atomically (tmp file, then rename): a reader, or a run killed mid-write, never sees half a figure."""
+    import os
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(svg)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------------
 # Command line: python eval.py --ckpt=out/tiny-rft
 
 
@@ -673,13 +861,27 @@ def main(argv=None):
     import smpl
     import sys
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] == "--compare":  # python eval.py --compare LABEL=out/a0,out/a1,out/a2 LABEL=...
-        groups = {}
+    if argv and argv[0] == "--compare":  # python eval.py --compare LABEL=out/a0,out/a1 LABEL=... [--figure=f.svg]
+        groups, figure = {}, None
         for spec in argv[1:]:
-            label, _, runs = spec.rpartition("=")
-            groups[label or spec] = [r for r in runs.split(",") if r]
-        if not groups:
-            raise SystemExit("usage: python eval.py --compare NAME=run_seed0,run_seed1,run_seed2 [NAME2=...]")
+            if spec.startswith("--figure="):
+                figure = spec[len("--figure="):]
+            elif not spec.startswith("--"):
+                label, _, runs = spec.rpartition("=")
+                groups[label or spec] = [r for r in runs.split(",") if r]
+            else:
+                groups = {}  # an unknown option: print the usage
+                break
+        if not groups or figure == "":
+            raise SystemExit("usage: python eval.py --compare NAME=run_seed0,run_seed1,run_seed2 [NAME2=...] "
+                             "[--figure=reward_curves.svg]")
+        if figure:  # Fig. 4 / Table 5: the reward curves of the groups overlaid, from each run's metrics.jsonl
+            paths = {label: [os.path.join(run, "metrics.jsonl") for run in runs] for label, runs in groups.items()}
+            missing = [p for ps in paths.values() for p in ps if not os.path.isfile(p)]
+            if missing:
+                raise SystemExit(f"--figure: {missing[0]} not found (train_rft.py writes it in its out_dir)")
+            write_svg(comparison_svg(paths), figure)
+            print(f"wrote {figure}")
         table = compare_runs(groups)
         print(table)
         return table

@@ -511,7 +511,8 @@ def make_evaluator(cfg, tokenizer, body_model, ctx, train_set, device):
 
 
 class Gallery:
-    """Fig. 5 for this run: the mean pose for a few fixed text prompts at successive RFT steps."""
+    """Fig. 5 for this run: the mean pose for a few fixed text prompts at successive RFT steps, one row per
+    prompt (its caption, shortened, above the row), the ground truth first ("GT"), then one column per step."""
 
     def __init__(self, cfg, train_set, tokenizer, body_model, device, n=4):
         val = data.PoseWorld("val", seed=cfg.seed, image_size=cfg.image_size)
@@ -519,7 +520,7 @@ class Gallery:
         self.samples = [val[int(i)] for i in idx]
         self.path = os.path.join(cfg.out_dir, "gallery.png")
         self.tokenizer, self.body_model, self.device = tokenizer, body_model, device
-        self.columns = []  # one (n, 24, 3) per gallery step
+        self.columns, self.steps = [], []  # one (n, 24, 3) per gallery step, and the step
 
     @torch.no_grad()
     def add(self, policy, step):
@@ -527,43 +528,19 @@ class Gallery:
         batch = to_device(train_sft.collate_fn(self.tokenizer, policy, True)(self.samples), self.device)
         rollout = M.sample_policy(policy, batch, 1, 24, temperature=0.0)  # greedy text, mean pose
         self.columns.append(pose_joints(self.body_model, rollout.mu).cpu())  # (n, 24, 3)
+        self.steps.append(step)
         gt = torch.stack([s["joints"] for s in self.samples])  # (n, 24, 3)
         grid = torch.stack([gt] + self.columns, dim=1).flatten(0, 1)  # (n * (1 + steps), 24, 3)
-        data.render_poses(grid, self.path, views=("front", "side"), cols=1 + len(self.columns))
+        heads = ["GT"] + [f"step {k}" for k in self.steps]  # every cell names its column: no looking up
+        data.render_poses(grid, self.path, views=("front", "side"), cols=1 + len(self.columns),
+                          titles=heads * len(self.samples), row_labels=[s["caption"] for s in self.samples])
 
 
-def write_reward_curves(metrics_path, svg_path, width=640, height=360):
-    """Fig. 4 for this run: each reward's mean per step (and a running mean), as a plain SVG."""
-    rows = [json.loads(line) for line in open(metrics_path)]
-    names = sorted({k for r in rows for k in r if k.startswith("reward/")})
-    colours = ["#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
-    pad = 40
-    steps = [r["step"] for r in rows]
-    x_of = lambda s: pad + (width - 2 * pad) * (s - steps[0]) / max(1, steps[-1] - steps[0])  # noqa: E731
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
-             f'font-size="11"><rect width="100%" height="100%" fill="white"/>',
-             f'<text x="{pad}" y="16">reward per RFT step (thin: per step, thick: running mean of 10); '
-             f'each curve scaled to its own range</text>']
-    for i, name in enumerate(names):
-        ys = [r.get(name) for r in rows]
-        pts = [(s, y) for s, y in zip(steps, ys) if y is not None and y == y]
-        if not pts:
-            continue
-        lo, hi = min(y for _, y in pts), max(y for _, y in pts)
-        y_of = lambda y: height - pad - (height - 2.5 * pad) * (y - lo) / max(hi - lo, 1e-9)  # noqa: E731
-        c = colours[i % len(colours)]
-        run = [sum(y for _, y in pts[max(0, j - 9):j + 1]) / len(pts[max(0, j - 9):j + 1]) for j in range(len(pts))]
-        parts.append(f'<polyline fill="none" stroke="{c}" stroke-opacity="0.35" points="'
-                     + " ".join(f"{x_of(s):.1f},{y_of(y):.1f}" for s, y in pts) + '"/>')
-        parts.append(f'<polyline fill="none" stroke="{c}" stroke-width="2" points="'
-                     + " ".join(f"{x_of(s):.1f},{y_of(y):.1f}" for (s, _), y in zip(pts, run)) + '"/>')
-        parts.append(f'<text x="{width - pad - 150}" y="{30 + 14 * i}" fill="{c}">'
-                     f'{name[7:]}: {lo:.3g} .. {hi:.3g}</text>')
-    parts.append(f'<text x="{pad}" y="{height - 12}">step {steps[0]} .. {steps[-1]}</text></svg>')
-    tmp = svg_path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write("\n".join(parts))
-    os.replace(tmp, svg_path)
+def write_reward_curves(metrics_path, svg_path):
+    """Fig. 4 for this run: a panel per reward and task, each step and its running mean
+    (eval.reward_curves_svg), written atomically so a reader never sees half a figure."""
+    title = f"reward per RFT step, {os.path.dirname(metrics_path) or '.'}"
+    E.write_svg(E.reward_curves_svg(E.read_metrics(metrics_path), title=title), svg_path)
 
 
 if __name__ == "__main__":
