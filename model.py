@@ -2510,25 +2510,40 @@ def policy_logprobs(model, rollout):
                          "frozen (model.set_trainable('rft'))")
     M = rollout.pose_samples  # each answer appears M times in a row (sample_policy's pose_samples)
     G, T0, Tn = rollout.G // M, rollout.prompt_ids.shape[1], rollout.tokens.shape[1]  # G answers per prompt
+    tokens, mask = rollout.tokens[::M], rollout.mask[::M]  # (A, Tn) the A = N / M answers
+    # A prompt's G answers are often the same text (the pose template): run each distinct (prompt, answer)
+    # through the LLM once and share its scores. The result is the same as scoring every row; the
+    # gradient of a shared row is the sum over its copies, as it would be.
+    prompt_of = torch.arange(tokens.shape[0], device=tokens.device) // G  # (A,) the answer's prompt b
+    key = torch.cat([prompt_of[:, None], torch.where(mask, tokens, -1)], dim=1)  # (A, 1 + Tn)
+    distinct, copy_of = torch.unique(key, dim=0, return_inverse=True)  # (U, 1 + Tn), (A,) sorted by prompt
+    first_copy = torch.full((distinct.shape[0],), tokens.shape[0], dtype=torch.long, device=tokens.device)
+    first_copy = first_copy.scatter_reduce(0, copy_of, torch.arange(tokens.shape[0], device=tokens.device),
+                                           reduce="amin")  # (U,) one answer row per distinct pair
+    rows = first_copy * M  # (U,) their rows in the rollout
+    prompt_ids, prompt_mask = rollout.prompt_ids[rows], rollout.prompt_mask[rows]  # (U, T0)
+    tokens_u, mask_u = rollout.tokens[rows], rollout.mask[rows]  # (U, Tn)
     visual = None
     if rollout.v_a is not None:
-        visual = model.project(rollout.v_a, rollout.v_b).repeat_interleave(G, dim=0)  # (n*G, L_a + L_b, d)
+        has_image = (rollout.prompt_ids[::M * G] == model.config.llava.image_token_index).any(-1)  # (B,)
+        image_of = torch.cumsum(has_image.long(), 0) - 1  # (B,) index into the rollout's images
+        b = prompt_of[first_copy]  # (U,) prompt of each distinct pair, in order
+        visual = model.project(rollout.v_a, rollout.v_b)[image_of[b[has_image[b]]]]  # (u_img, L_a + L_b, d)
     decoder, lm_head = model.llava.language_model.model, model.llava.language_model.lm_head
-    prompt_ids, prompt_mask = rollout.prompt_ids[::M], rollout.prompt_mask[::M]  # (N/M, T0) one per answer
-    tokens, mask = rollout.tokens[::M], rollout.mask[::M]  # (N/M, Tn)
     # The generated tokens are embedded as words, even a sampled <image> id, as generate fed them.
-    x = torch.cat([model.embed(prompt_ids, visual), decoder.embed_tokens(tokens)], dim=1)  # (N/M, T, d)
-    key_mask = torch.cat([prompt_mask.bool(), mask.bool()], dim=1)  # (N/M, T)
-    positions, attn_mask = positions_and_mask(key_mask, T0 + Tn)  # (N/M, T), (N/M, 1, T, T)
-    h = decoder(x, positions, attn_mask)  # (N/M, T, d)
-    logits = lm_head(h[:, T0 - 1:T0 + Tn - 1])  # (N/M, Tn, V): position t scores the token at t + 1
-    logprobs = token_logprobs(logits, tokens, rollout.temperature).masked_fill(~mask.bool(), 0.0)  # (N/M, Tn)
-    logprobs = logprobs.repeat_interleave(M, dim=0)  # (N, Tn) each answer's copies score alike
-    first, found = model.pose_positions(tokens, mask)  # (N/M,), (N/M,)
-    if not torch.equal(found.repeat_interleave(M), rollout.valid):
+    x = torch.cat([model.embed(prompt_ids, visual), decoder.embed_tokens(tokens_u)], dim=1)  # (U, T, d)
+    key_mask = torch.cat([prompt_mask.bool(), mask_u.bool()], dim=1)  # (U, T)
+    positions, attn_mask = positions_and_mask(key_mask, T0 + Tn)  # (U, T), (U, 1, T, T)
+    h = decoder(x, positions, attn_mask)  # (U, T, d)
+    logits = lm_head(h[:, T0 - 1:T0 + Tn - 1])  # (U, Tn, V): position t scores the token at t + 1
+    logprobs = token_logprobs(logits, tokens_u, rollout.temperature).masked_fill(~mask_u.bool(), 0.0)  # (U, Tn)
+    back = copy_of.repeat_interleave(M)  # (N,) each candidate's distinct pair
+    logprobs = logprobs[back]  # (N, Tn) every copy of an answer scores alike
+    first, found = model.pose_positions(tokens_u, mask_u)  # (U,), (U,)
+    if not torch.equal(found[back], rollout.valid):
         raise ValueError("rollout.valid does not match the <POSE> tokens in rollout.tokens")
-    rows = torch.arange(h.shape[0], device=h.device)  # (N/M,)
-    dist = model.pose_head(h[rows, T0 + first].repeat_interleave(M, dim=0))  # (N, 144) each
+    pose_hidden = h[torch.arange(h.shape[0], device=h.device), T0 + first]  # (U, d) at each first <POSE>
+    dist = model.pose_head(pose_hidden[back])  # (N, 144) each
     pose_logprobs = torch.where(rollout.valid, dist.log_prob(rollout.pose), torch.zeros_like(dist.mu[:, 0]))  # (N,)
     return PolicyScores(logprobs=logprobs, pose_logprobs=pose_logprobs, pose=dist)
 

@@ -90,7 +90,7 @@ class SFTConfig:
     tiny_sizes: str = ""             # tiny model sizes, e.g. "llm_hidden=192,llm_layers=6" (model._tiny_config)
     # the tokenizer and the two retrievers (tiny)
     vocab_size: int = 1024           # tiny BPE (955 tokens in fact): ~72 tokens a sample, not ~130 at 768
-    retriever_pairs: int = 40000     # t2p-only PoseWorld train captions, split into two disjoint halves
+    retriever_pairs: int = 40000     # t2p-only PoseWorld captions, two disjoint halves; 8000 ranked worse (README)
     retriever_steps: int = 800       # 40k pairs, 800 x 256: better checker agreement than 8k, 400 x 128 (README)
     retriever_batch: int = 256
     retriever_lr: float = 1e-3
@@ -105,7 +105,8 @@ class SFTConfig:
 # scaling, which these scripts do not do.
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16"}
 # Counts that must be at least 1 (0 would divide by zero, never save, or train nothing), where present.
-POSITIVE_FIELDS = ("max_steps", "batch_size", "save_every", "log_every", "gallery_every", "inner_epochs", "pose_samples",
+POSITIVE_FIELDS = ("max_steps", "batch_size", "save_every", "log_every", "gallery_every", "inner_epochs",
+                   "pose_samples",
                    "poseworld_size", "image_size", "vocab_size", "retriever_pairs",
                    "retriever_steps", "retriever_batch")
 

@@ -161,6 +161,58 @@ def bench_generate(B=64, prompt_len=32, new_tokens=64, rounds=2):
           f"{peak_kib / 1024:.1f} MiB = {peak_kib * 1024 / on_disk:.2f}x the checkpoint size")
 
 
+
+@bench("rft")
+def bench_rft(steps=10):
+    """One HyGRPO step of the tiny preset on CPU (train_rft.hygrpo_step with the main job's defaults):
+    seconds per step split into sampling, scoring (rewards and reference log-probs) and updating,
+    candidates (G x pose_samples poses per prompt) per second, and the process's peak memory. Uses the
+    SFT checkpoint in $RFT_BENCH_SFT (e.g. out/tiny-sft of a main job) or trains a small one first."""
+    import resource
+    import tempfile
+
+    import torch
+
+    import data
+    import rewards
+    import train_rft
+    import train_sft
+
+    sft_dir = os.environ.get("RFT_BENCH_SFT", "")
+    tmp = tempfile.mkdtemp()
+    if not sft_dir:  # a small SFT whose answers follow the template, so there are poses to score
+        sft_dir = os.path.join(tmp, "sft")
+        train_sft.main(cfg=train_sft.SFTConfig(out_dir=sft_dir, max_steps=60, batch_size=8, lr=3e-3,
+                                               retriever_steps=20, save_every=60))
+    cfg = train_rft.RFTConfig(sft_dir=sft_dir, out_dir=os.path.join(tmp, "rft"), eval=False)
+    device = torch.device("cpu")
+    policy, tokenizer = train_rft.load_policy(cfg, device)
+    weights = rewards.parse_weights(cfg.rewards)
+    ctx = train_rft.reward_context(cfg, weights, policy, tokenizer, device)
+    body = train_sft.build_body_model("", device)
+    params = [p for p in policy.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr)
+    train_set = data.PoseWorld("train", size=cfg.poseworld_size, seed=cfg.seed, image_size=cfg.image_size)
+    loader = iter(data.make_loader(train_set, cfg.batch_size, seed=1,
+                                   collate_fn=train_sft.collate_fn(tokenizer, policy, True)))
+    generator = torch.Generator().manual_seed(0)
+    rows = []
+    for _ in range(steps + 1):  # the first step warms up and is not counted
+        batch = next(loader)
+        rows.append(train_rft.hygrpo_step(policy, opt, params, batch, cfg, ctx, weights, body, tokenizer,
+                                          generator, 1))
+    rows = rows[1:]
+    mean = lambda k: sum(r[k] for r in rows) / len(rows)  # noqa: E731
+    total = mean("t_sample") + mean("t_score") + mean("t_update")
+    n = cfg.batch_size * cfg.G * cfg.pose_samples
+    print(f"tiny preset, batch {cfg.batch_size} prompts x G {cfg.G} answers x {cfg.pose_samples} poses = {n} "
+          f"candidates a step, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}, "
+          f"mean of {steps} steps")
+    for k in ("t_sample", "t_score", "t_update"):
+        print(f"  {k[2:]:8s} {mean(k):6.3f} s  ({100 * mean(k) / total:4.1f}%)")
+    print(f"  step     {total:6.3f} s: {n / total:7.1f} candidates/s, {cfg.batch_size * cfg.G / total:6.1f} answers/s")
+    print(f"  peak RSS of this process {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+
 if __name__ == "__main__":
     names = sys.argv[1:] or list(BENCHES)
     for name in names:

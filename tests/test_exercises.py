@@ -44,8 +44,8 @@ def finite_somewhere(rows, key):
 def test_joint_angles_invert_poseworld_angles():
     """rewards.joint_angles undoes data.euler_to_matrix (R = Ry Rz Rx): catches a wrong order or sign."""
     g = torch.Generator().manual_seed(0)
-    angles = torch.stack([torch.empty(50).uniform_(-170, 170, generator=g), torch.empty(50).uniform_(-170, 170, generator=g),
-                          torch.empty(50).uniform_(-85, 85, generator=g)], -1)  # (50, 3) degrees
+    u = lambda bound: torch.empty(50).uniform_(-bound, bound, generator=g)  # noqa: E731
+    angles = torch.stack([u(170), u(170), u(85)], -1)  # (50, 3) degrees, |z| < 90 (no gimbal lock)
     assert torch.allclose(rewards.joint_angles(data.euler_to_matrix(angles)), angles, atol=1e-3)
 
 
@@ -55,8 +55,9 @@ def _candidates(pose):
     n = pose.shape[0]
     J = data.pose_joints(pose)
     return Candidates(task=["t2p"] * n, text=[data.POSE_ANSWER] * n, valid=torch.ones(n, dtype=torch.bool),
-                      pose=smpl.axis_angle_to_matrix(pose), joints=J, gt_joints=J, has_gt=torch.zeros(n, dtype=torch.bool),
-                      question=["q"] * n, caption=["c"] * n, ref_answer=[data.POSE_ANSWER] * n)
+                      pose=smpl.axis_angle_to_matrix(pose), joints=J, gt_joints=J,
+                      has_gt=torch.zeros(n, dtype=torch.bool), question=["q"] * n, caption=["c"] * n,
+                      ref_answer=[data.POSE_ANSWER] * n)
 
 
 def test_exercise_rewards_by_hand():
@@ -67,7 +68,7 @@ def test_exercise_rewards_by_hand():
     inside = compute_rewards(_candidates(world.pose_body), RewardContext(), {"limits": 1.0})[1]
     assert (inside.abs() < 1e-3).float().mean() >= 0.9  # all but gimbal-locked arms (r_limits' caveat)
     bad = torch.zeros(1, 24, 3)
-    knee = data.J_["left_knee"] if hasattr(data, "J_") else 4
+    knee = data.J_["left_knee"]
     bad[0, knee] = torch.deg2rad(torch.tensor([-90.0, 0.0, 0.0]))  # hyper-extended: far outside the knee's range
     assert compute_rewards(_candidates(bad), RewardContext(), {"limits": 1.0})[1][0] < -0.3
     rest, arm = torch.zeros(1, 24, 3), torch.zeros(1, 24, 3)
@@ -103,8 +104,10 @@ def test_exercise_eval_retriever_as_reward_runs(sft_dir, tmp_path, monkeypatch):
     """Exercise 4: --reward_retriever=eval loads retriever_eval as the semantic reward's model."""
     loaded = []
     original = rewards.PoseTextRetriever.load
-    monkeypatch.setattr(rewards.PoseTextRetriever, "load",
-                        classmethod(lambda cls, path, *a, **k: loaded.append(os.path.basename(path)) or original(path, *a, **k)))
+    def spy(cls, path, *args, **kwargs):
+        loaded.append(os.path.basename(path))
+        return original(path, *args, **kwargs)
+    monkeypatch.setattr(rewards.PoseTextRetriever, "load", classmethod(spy))
     rows = run_exercise(sft_dir, tmp_path, "--reward_retriever=eval", "--task_mix=t2p:1")
     assert loaded[0] == "retriever_eval" and finite_somewhere(rows, "reward/semantic/t2p")
     with pytest.raises(SystemExit, match="reward_retriever"):

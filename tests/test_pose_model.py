@@ -636,6 +636,48 @@ def test_pose_samples_draw_several_poses_per_answer(world, tokenizer):
     assert torch.allclose(scores.pose_logprobs, one_by_one.pose_logprobs, atol=1e-4, rtol=1e-5)
 
 
+def test_identical_answers_are_scored_once(world, tokenizer):
+    """At a low temperature a prompt's G answers coincide; policy_logprobs then runs the LLM once per
+    distinct (prompt, answer) and shares the scores. The shared scores must still equal what the sampler
+    recorded row by row (tokens and poses), and the gradient must equal that of scoring every row on its
+    own. Catches a distinct pair mapped back to the wrong rows, an image given to the wrong prompt, and a
+    shared row counted once in the gradient instead of once per copy."""
+    config, model = pose_prone_model(tokenizer)
+    batch = batch_of(world, tokenizer, config, [0, 2, 3], for_generation=True)  # vqa, i2p, t2p: 2 images
+    rollout = sample_policy(model, batch, G=4, max_new_tokens=6, temperature=0.05,
+                            generator=torch.Generator().manual_seed(3), pose_samples=2)
+    seen = []
+    hook = model.llava.language_model.model.register_forward_hook(lambda m, i, o: seen.append(o.shape[0]))
+    scores = policy_logprobs(model, rollout)
+    hook.remove()
+    assert seen[0] < rollout.tokens.shape[0] // 2  # fewer sequences than answers: duplicates were shared
+    m = rollout.mask
+    assert torch.allclose(scores.logprobs[m], rollout.logprobs[m], atol=1e-4)
+    assert torch.allclose(scores.pose_logprobs, rollout.pose_logprobs, atol=1e-4, rtol=1e-5)
+    # the gradient of a sum over candidates: shared scoring vs each answer alone (G = 1 rollouts of one row)
+    weights = torch.randn(rollout.tokens.shape[0], generator=torch.Generator().manual_seed(0))  # (N,)
+    params = [p for p in model.parameters() if p.requires_grad]
+    shared = torch.autograd.grad((scores.pose_logprobs * weights).sum() + (scores.logprobs.sum(-1) * weights).sum(),
+                                 params, allow_unused=True)
+    per_row = [torch.zeros_like(p) for p in params]
+    images = torch.cumsum((batch["input_ids"] == config.llava.image_token_index).any(-1).long(), 0) - 1  # (B,)
+    for i in range(rollout.tokens.shape[0]):
+        b = i // rollout.G
+        has_image = bool((rollout.prompt_ids[i] == config.llava.image_token_index).any())
+        one = dataclasses.replace(
+            rollout, G=1, pose_samples=1, prompt_ids=rollout.prompt_ids[i:i + 1], prompt_mask=rollout.prompt_mask[i:i + 1],
+            tokens=rollout.tokens[i:i + 1], mask=rollout.mask[i:i + 1], logprobs=rollout.logprobs[i:i + 1],
+            pose=rollout.pose[i:i + 1], pose_logprobs=rollout.pose_logprobs[i:i + 1], mu=rollout.mu[i:i + 1],
+            log_std=rollout.log_std[i:i + 1], valid=rollout.valid[i:i + 1],
+            v_a=rollout.v_a[images[b]:images[b] + 1] if has_image else None,
+            v_b=rollout.v_b[images[b]:images[b] + 1] if has_image else None)
+        s1 = policy_logprobs(model, one)
+        g = torch.autograd.grad(weights[i] * (s1.pose_logprobs.sum() + s1.logprobs.sum()), params, allow_unused=True)
+        per_row = [a + (torch.zeros_like(a) if x is None else x) for a, x in zip(per_row, g)]
+    for a, b in zip(shared, per_row):
+        assert torch.allclose(torch.zeros_like(b) if a is None else a, b, atol=1e-4, rtol=1e-3)
+
+
 def test_sampler_and_scorer_are_the_same_policy_at_temperature_07(world, tokenizer):
     """Answers sampled at temperature 0.7 come from softmax(logits / 0.7); the ratio's old policy and the
     KL's current and reference policies must be that same tempered policy (TRL's and verl's GRPO score at
