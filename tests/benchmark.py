@@ -192,7 +192,8 @@ def bench_rft(steps=10):
     body = train_sft.build_body_model("", device)
     params = [p for p in policy.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr)
-    train_set = data.PoseWorld("train", size=cfg.poseworld_size, seed=cfg.seed, image_size=cfg.image_size)
+    train_set = data.PoseWorld("train", size=cfg.poseworld_size, seed=cfg.seed, image_size=cfg.image_size,
+                               mix=train_rft.parse_task_mix(cfg.task_mix))  # the main job's RFT prompts
     loader = iter(data.make_loader(train_set, cfg.batch_size, seed=1,
                                    collate_fn=train_sft.collate_fn(tokenizer, policy, True)))
     generator = torch.Generator().manual_seed(0)
