@@ -244,11 +244,10 @@ def mean_pose(poses: torch.Tensor) -> torch.Tensor:
     """The average pose of a set, as the head's rot6d numbers: the mean of each joint's rot6d over the
     set, made a rotation again by Gram-Schmidt (model.py's rot6d convention). (n, 24, 3) axis-angle
     -> (144,). What a model that ignores its input would best answer: the trivial baseline."""
+    import model as M
     import smpl
-    R = smpl.axis_angle_to_matrix(poses.double())  # (n, 24, 3, 3)
-    six = R[..., :2].transpose(-1, -2).reshape(len(poses), 24, 6).mean(0)  # (24, 6) first two columns
-    R_mean = smpl.rot6d_to_matrix(six)  # (24, 3, 3)
-    return R_mean[..., :2].transpose(-1, -2).reshape(144).float()  # (144,)
+    six = M.pose_to_rot6d(poses.double()).mean(0).view(24, 6)  # (24, 6) each joint's mean rot6d
+    return smpl.matrix_to_rot6d(smpl.rot6d_to_matrix(six)).flatten().float()  # (144,) a rotation again
 
 
 @torch.no_grad()
@@ -368,15 +367,22 @@ def perturbed_agreement(retriever, dataset, n_prompts: int = 200, G: int = 8, no
     the exact check; group_rank_correlation of the two. train_sft.py logs it for both retrievers, so
     the semantic reward's quality is known before any RFT. -> Spearman's rho (float)."""
     import data
-    import rewards
     rows = dataset.task_indices("t2p")[:n_prompts]  # (P,)
     g = torch.Generator().manual_seed(seed)
     pose = dataset.pose_body[rows].repeat_interleave(G, 0).clone()  # (P*G, 24, 3)
     pose[:, 1:] += noise * torch.randn(pose[:, 1:].shape, generator=g)
-    joints = data.pose_joints(pose)  # (P*G, 24, 3)
+    return checker_agreement(retriever, dataset, rows, data.pose_joints(pose), G)
+
+
+def checker_agreement(retriever, dataset, rows, joints, G: int) -> float:
+    """Spearman's rho within each prompt's G poses between the retriever's cosine (Eq. 8) and PoseWorld's
+    exact posecode check, averaged over prompts. rows (P,) t2p indices into the PoseWorld dataset,
+    joints (P*G, 24, 3) the poses, prompt-major. -> float"""
+    import data
+    import rewards
     check = data.check_posecodes(joints, dataset.codes[rows].repeat_interleave(G, 0),
                                  dataset.mentioned[rows].repeat_interleave(G, 0))  # (P*G,)
-    captions = [dataset.captions[i] for i in rows.tolist() for _ in range(G)]
+    captions = [dataset.captions[i] for i in torch.as_tensor(rows).tolist() for _ in range(G)]
     cos = rewards.semantic_reward(retriever, captions, joints)  # (P*G,)
     return group_rank_correlation(cos, check, G)[0]
 
@@ -384,23 +390,15 @@ def perturbed_agreement(retriever, dataset, n_prompts: int = 200, G: int = 8, no
 def _agreement(policy, tokenizer, dataset, rows, body_model, retrievers, G, device, seed) -> dict:
     """Rank agreement between each retriever's cosine and the exact posecode check over G sampled poses
     per text-to-pose prompt (see `evaluate`)."""
-    import data
     import model as M
-    import rewards
     import train_sft
     samples = [dataset[i] for i in rows]
     batch = train_sft.to_device(train_sft.collate_fn(tokenizer, policy, True)(samples), device)
     g = torch.Generator(device=device).manual_seed(seed)
     rollout = M.sample_policy(policy, batch, G, 24, temperature=1.0, generator=g)  # N = len(rows) * G
     joints = train_sft.pose_joints(body_model, rollout.pose).cpu()  # (N, 24, 3)
-    rep = lambda t: t.repeat_interleave(G, dim=0)  # noqa: E731  per prompt -> per candidate
-    check = data.check_posecodes(joints, rep(dataset.codes[rows]), rep(dataset.mentioned[rows]))  # (N,)
-    captions = [s["caption"] for s in samples for _ in range(G)]
-    out = {}
-    for name, retriever in retrievers.items():
-        cos = rewards.semantic_reward(retriever, captions, joints)  # (N,) Eq. 8 with this retriever
-        out[f"t2p_agree_{name}"], _ = group_rank_correlation(cos, check, G)
-    return out
+    return {f"t2p_agree_{name}": checker_agreement(retriever, dataset, rows, joints, G)
+            for name, retriever in retrievers.items()}
 
 
 def _has_h36m(body_model) -> bool:

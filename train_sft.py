@@ -411,14 +411,15 @@ def train_retrievers(cfg, tokenizer, device):
     "reward" one gives the semantic reward of RFT (Eq. 8), the "eval" one only evaluates."""
     joints, captions = retriever_pairs(cfg, device)
     half_a, half_b = rewards.split_halves(len(captions), cfg.seed)
+    val = data.PoseWorld("val", seed=cfg.seed, image_size=cfg.image_size) if "poseworld" in cfg.data else None
     out = {}
     for name, idx, seed in (("reward", half_a, cfg.seed + 1), ("eval", half_b, cfg.seed + 2)):
         print0(f"retriever '{name}': {len(idx)} pose-caption pairs")
         out[name] = rewards.train_retriever(joints[idx], [captions[i] for i in idx], tokenizer,
                                             steps=cfg.retriever_steps, batch_size=cfg.retriever_batch,
                                             lr=cfg.retriever_lr, seed=seed, device=device)
-        if "poseworld" in cfg.data:  # how far its cosine ranks poses as the exact checker does (eval.py)
-            rho = E.perturbed_agreement(out[name], data.PoseWorld("val", seed=cfg.seed, image_size=cfg.image_size))
+        if val is not None:  # how far its cosine ranks poses as the exact checker does (eval.py)
+            rho = E.perturbed_agreement(out[name], val)
             out[name].train_info["checker_agreement"] = round(rho, 4)
             print0(f"retriever '{name}': rank agreement with the posecode checker {rho:.3f} (Spearman, "
                    f"8 perturbed poses per val caption)")
