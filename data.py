@@ -55,17 +55,7 @@ import smpl
 POSE_TOKEN = "<POSE>"
 POSE_ANSWER = f"The SMPL pose of this person is {POSE_TOKEN}."
 
-_SKELETON = smpl.SMPL()  # the built-in skeleton: PoseWorld needs no model file
 J_ = smpl.JOINT_INDEX  # short alias, used to name joints in the tables below
-
-
-def pose_joints(pose: torch.Tensor) -> torch.Tensor:
-    """Joints of the built-in skeleton for axis-angle poses. (B, 24, 3) -> (B, 24, 3) metres.
-
-    The pelvis sits at its rest location (no translation), whatever the global orientation."""
-    if pose.dim() != 3 or pose.shape[1:] != (24, 3):
-        raise ValueError(f"pose_joints expects axis-angle poses (B, 24, 3); got {tuple(pose.shape)}")
-    return _SKELETON(pose[:, 1:], pose[:, 0], return_vertices=False).joints  # (B, 24, 3)
 
 
 # ====================================================================================================
@@ -241,7 +231,7 @@ def sample_poses(n: int, generator: torch.Generator) -> tuple[torch.Tensor, torc
 # identity orientation (`body_frame_joints`), so they are a function of the 23 body rotations alone and
 # the same for the canonical, the camera-frame or any generated global orientation.
 
-_REST = pose_joints(torch.zeros(1, 24, 3))[0].double()  # (24, 3) rest joints of the built-in skeleton
+_REST = smpl.pose_joints(torch.zeros(1, 24, 3))[0].double()  # (24, 3) rest joints of the built-in skeleton
 _PELVIS_CHILDREN = [J_["left_hip"], J_["right_hip"], J_["spine1"]]
 
 
@@ -623,7 +613,7 @@ def code_sentence(k: int, category: int, rng: random.Random) -> str:
 def _code_frequencies() -> list:
     """How often each (family, category) occurs, from a fixed reference sample of 2048 poses: K lists."""
     pose, _ = sample_poses(2048, torch.Generator().manual_seed(12345))
-    codes = posecodes(pose_joints(pose))  # (2048, K)
+    codes = posecodes(smpl.pose_joints(pose))  # (2048, K)
     C = max(len(f.categories) for f in POSECODES)
     return [(torch.bincount(codes[:, k], minlength=C).float() / len(codes)).tolist() for k in range(K)]
 
@@ -659,7 +649,7 @@ def make_caption(codes: torch.Tensor, margins: torch.Tensor, rng: random.Random)
 # the OpenCV camera frame, X_cam = R X + t; focal (B,) in pixels; principal (B, 2) in pixels, where
 # pixel (u, v) = (column, row) has its centre at integer coordinates. `transl` (B, 3) is the
 # translation that puts the camera-frame pose (global_orient_cam = R @ global_orient, pelvis at its
-# rest location, what pose_joints gives) where the camera sees it: X_cam = joints_cam + transl.
+# rest location, what smpl.pose_joints gives) where the camera sees it: X_cam = joints_cam + transl.
 
 def project(points: torch.Tensor, camera: dict) -> torch.Tensor:
     """Pinhole projection of world points (B, N, 3) -> pixels (B, N, 2): u = f X/Z + cx, v = f Y/Z + cy."""
@@ -720,7 +710,7 @@ def sample_cameras(joints: torch.Tensor, generator: torch.Generator, image_size:
     lo, hi = xy.amin(1), xy.amax(1)  # (B, 2)
     focal = fill * image_size / (hi - lo).amax(-1)  # (B,)
     principal = (image_size - 1) / 2 - focal[:, None] * (lo + hi) / 2 + jitter  # (B, 2)
-    J0 = _REST[0].expand(B, 3)  # (B, 3) where pose_joints puts the pelvis
+    J0 = _REST[0].expand(B, 3)  # (B, 3) where smpl.pose_joints puts the pelvis
     transl = (R @ J0[:, :, None])[..., 0] + t - J0  # (B, 3)
     cam = {"R": R, "t": t, "focal": focal, "principal": principal, "transl": transl}
     return {k: v.float() for k, v in cam.items()}
@@ -963,7 +953,7 @@ def build_poseworld(split: str, size: int, seed: int, image_size: int, tasks: tu
     """Generate one split: all its tensors and texts (see PoseWorld for the fields)."""
     g = torch.Generator().manual_seed(_stream_seed(seed, split))
     pose_body, archetype = sample_poses(size, g)  # (N, 24, 3), (N,)
-    joints_body = pose_joints(pose_body)  # (N, 24, 3)
+    joints_body = smpl.pose_joints(pose_body)  # (N, 24, 3)
     codes, margins = posecodes_and_margins(joints_body)  # (N, K), (N, K)
     eligible = margins >= torch.tensor([f.min_margin for f in POSECODES])  # (N, K)
     values = posecode_values(joints_body)  # (N, K)
@@ -972,7 +962,7 @@ def build_poseworld(split: str, size: int, seed: int, image_size: int, tasks: tu
     # Image-to-pose target in the camera frame (HMR2.0): global_orient_cam = R_cam @ global_orient_body.
     root_cam = smpl.matrix_to_axis_angle(cameras["R"].double() @ smpl.axis_angle_to_matrix(pose_body[:, 0].double()))
     pose_cam = torch.cat([root_cam.float()[:, None], pose_body[:, 1:]], 1)  # (N, 24, 3)
-    joints_cam = pose_joints(pose_cam)  # (N, 24, 3)
+    joints_cam = smpl.pose_joints(pose_cam)  # (N, 24, 3)
     needs_image = any(t in tasks for t in ("i2p", "vqa"))
     images = render_images(joints_body, cameras, image_size, g) if needs_image else None  # (N, 3, H, W)
 
@@ -1594,6 +1584,40 @@ def make_loader(dataset, batch_size: int, rank: int = 0, world_size: int = 1, se
     sampler = ShardedBatchSampler(len(dataset), batch_size, rank, world_size, seed, shuffle, drop_last, start_step)
     return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
                                        collate_fn=collate_fn if collate_fn is not None else _as_list)
+
+
+def collate_fn(tokenizer, policy, for_generation=False):
+    """`collate` with the encoders' input sizes and the number of image tokens of this policy
+    (model.PoseLLaVA), for make_loader or a list of samples."""
+    c = policy.config
+    return functools.partial(collate, tokenizer=tokenizer, n_image_tokens=policy.n_image_tokens,
+                             clip_size=c.clip_size, pose_size=c.pose_size, for_generation=for_generation)
+
+
+def to_device(batch: dict, device) -> dict:
+    """A collated batch with its tensors on device (lists of strings stay as they are)."""
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def build_datasets(cfg, split: str):
+    """PoseWorld, or a concatenation of the real data sets named in cfg.data (Sec. 4.1). cfg: a training
+    script's config (its data fields: data, seed, poseworld_size, image_size and the real sets' paths)."""
+    names = [n.strip() for n in cfg.data.split(",") if n.strip()]
+    sets = []
+    for name in names:
+        if name == "poseworld":
+            size = cfg.poseworld_size if split == "train" else None
+            sets.append(PoseWorld(split, size=size, seed=cfg.seed, image_size=cfg.image_size))
+        elif name == "posescript":
+            sets.append(PoseScript(cfg.posescript_root, cfg.amass_root, split=split))
+        elif name == "h36m":
+            sets.append(Human36M(cfg.h36m_npz, cfg.h36m_images, images=True))
+        elif name == "llava_instruct":
+            sets.append(LLaVAInstruct(cfg.llava_instruct_json, cfg.coco_images, images=True))
+        else:
+            raise SystemExit(f"unknown data set {name!r} in --data; choose from poseworld, posescript, "
+                             f"h36m, llava_instruct")
+    return sets[0] if len(sets) == 1 else torch.utils.data.ConcatDataset(sets)
 
 
 # ----------------------------------------------------------------------------------------------------

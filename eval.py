@@ -12,11 +12,22 @@ errors in metres out; printed tables multiply by 1000 for millimetres. Recalls a
 """
 from __future__ import annotations
 
+import argparse
+import json
 import math
+import os
+import sys
 from typing import Sequence
+from xml.sax.saxutils import escape
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
+
+import data
+import model as M
+import rewards
+import smpl
 
 # ----------------------------------------------------------------------------------------------------
 # Image-to-pose: MPJPE and PA-MPJPE
@@ -228,13 +239,10 @@ def group_rank_correlation(a: torch.Tensor, b: torch.Tensor, G: int) -> tuple[fl
 
 def _mean_poses(policy, samples, tokenizer, device, max_new_tokens=32):
     """Greedy answers and mean poses for a list of sample dicts: (texts, mu (n, 144), valid (n,))."""
-    import model as M
-    import train_sft
     policy.eval()
-    batch = train_sft.to_device(train_sft.collate_fn(tokenizer, policy, True)(samples), device)
+    batch = data.to_device(data.collate_fn(tokenizer, policy, True)(samples), device)
     rollout = M.sample_policy(policy, batch, 1, max_new_tokens, temperature=0.0)
-    keep = rollout.mask & (rollout.tokens != tokenizer.eos_id)  # (n, Tn)
-    texts = [tokenizer.decode(rollout.tokens[i][keep[i]].tolist()) for i in range(len(samples))]
+    texts = M.answer_texts(rollout, tokenizer)  # (n,)
     rest = torch.tensor([1.0, 0, 0, 0, 1, 0], device=device).repeat(24)  # (144,) identity rotations
     mu = torch.where(rollout.valid[:, None], rollout.mu, rest)  # (n, 144)
     return texts, mu, rollout.valid
@@ -244,8 +252,6 @@ def mean_pose(poses: torch.Tensor) -> torch.Tensor:
     """The average pose of a set, as the head's rot6d numbers: the mean of each joint's rot6d over the
     set, made a rotation again by Gram-Schmidt (model.py's rot6d convention). (n, 24, 3) axis-angle
     -> (144,). What a model that ignores its input would best answer: the trivial baseline."""
-    import model as M
-    import smpl
     six = M.pose_to_rot6d(poses.double()).mean(0).view(24, 6)  # (24, 6) each joint's mean rot6d
     return smpl.matrix_to_rot6d(smpl.rot6d_to_matrix(six)).flatten().float()  # (144,) a rotation again
 
@@ -281,11 +287,6 @@ def evaluate(policy, tokenizer, dataset, body_model, retrievers: dict, embedder,
     "items": {metric: per-item values (list)} so two evaluations of the same items can be paired
     (paired_change, format_comparison).
     """
-    import data
-    import rewards
-    import smpl
-    import train_sft
-    from tqdm import tqdm
     refuse_nonfinite_weights(policy)
     n = len(dataset) if limit is None else min(limit, len(dataset))
     idx = list(range(n))
@@ -297,7 +298,7 @@ def evaluate(policy, tokenizer, dataset, body_model, retrievers: dict, embedder,
         mus.append(mu)
         valids.append(v)
     mu, valid = torch.cat(mus), torch.cat(valids)  # (n, 144), (n,)
-    joints = train_sft.pose_joints(body_model, mu).cpu()  # (n, 24, 3)
+    joints = smpl.pose_joints(mu, body_model).cpu()  # (n, 24, 3)
     task = [data.TASKS[int(t)] for t in dataset.task_id[:n]]
     out = {"n": n}
     items = {}
@@ -308,7 +309,7 @@ def evaluate(policy, tokenizer, dataset, body_model, retrievers: dict, embedder,
 
     def baseline_joints(name, m):  # (m, 24, 3) the average training pose of a task, m times
         six = mean_pose(baseline_poses[name]).to(device).expand(m, 144)  # (m, 144)
-        return train_sft.pose_joints(body_model, six).cpu()
+        return smpl.pose_joints(six, body_model).cpu()
 
     # image-to-pose: MPJPE / PA-MPJPE against the ground truth of the same (built-in) body model
     i2p = [i for i in idx if task[i] == "i2p"]
@@ -366,20 +367,17 @@ def perturbed_agreement(retriever, dataset, n_prompts: int = 200, G: int = 8, no
     axis-angle of the caption's own pose (the root kept), ranked by the retriever's cosine (Eq. 8) and by
     the exact check; group_rank_correlation of the two. train_sft.py logs it for both retrievers, so
     the semantic reward's quality is known before any RFT. -> Spearman's rho (float)."""
-    import data
     rows = dataset.task_indices("t2p")[:n_prompts]  # (P,)
     g = torch.Generator().manual_seed(seed)
     pose = dataset.pose_body[rows].repeat_interleave(G, 0).clone()  # (P*G, 24, 3)
     pose[:, 1:] += noise * torch.randn(pose[:, 1:].shape, generator=g)
-    return checker_agreement(retriever, dataset, rows, data.pose_joints(pose), G)
+    return checker_agreement(retriever, dataset, rows, smpl.pose_joints(pose), G)
 
 
 def checker_agreement(retriever, dataset, rows, joints, G: int) -> float:
     """Spearman's rho within each prompt's G poses between the retriever's cosine (Eq. 8) and PoseWorld's
     exact posecode check, averaged over prompts. rows (P,) t2p indices into the PoseWorld dataset,
     joints (P*G, 24, 3) the poses, prompt-major. -> float"""
-    import data
-    import rewards
     check = data.check_posecodes(joints, dataset.codes[rows].repeat_interleave(G, 0),
                                  dataset.mentioned[rows].repeat_interleave(G, 0))  # (P*G,)
     captions = [dataset.captions[i] for i in torch.as_tensor(rows).tolist() for _ in range(G)]
@@ -390,13 +388,11 @@ def checker_agreement(retriever, dataset, rows, joints, G: int) -> float:
 def _agreement(policy, tokenizer, dataset, rows, body_model, retrievers, G, device, seed) -> dict:
     """Rank agreement between each retriever's cosine and the exact posecode check over G sampled poses
     per text-to-pose prompt (see `evaluate`)."""
-    import model as M
-    import train_sft
     samples = [dataset[i] for i in rows]
-    batch = train_sft.to_device(train_sft.collate_fn(tokenizer, policy, True)(samples), device)
+    batch = data.to_device(data.collate_fn(tokenizer, policy, True)(samples), device)
     g = torch.Generator(device=device).manual_seed(seed)
     rollout = M.sample_policy(policy, batch, G, 24, temperature=1.0, generator=g)  # N = len(rows) * G
-    joints = train_sft.pose_joints(body_model, rollout.pose).cpu()  # (N, 24, 3)
+    joints = smpl.pose_joints(rollout.pose, body_model).cpu()  # (N, 24, 3)
     return {f"t2p_agree_{name}": checker_agreement(retriever, dataset, rows, joints, G)
             for name, retriever in retrievers.items()}
 
@@ -445,8 +441,6 @@ def evaluate_real_i2p(policy, tokenizer, dataset, body_model, name: str, limit: 
     reported under 3dpw_approx_* with "APPROXIMATE" in the protocol string, never under the published keys.
     Without any mesh, 3DPW falls back to the 24 SMPL joints aligned on the pelvis (also approximate).
     """
-    import smpl
-    from tqdm import tqdm
     policy.eval()
     n = len(dataset) if limit is None else min(limit, len(dataset))
     use14 = _has_h36m(body_model)
@@ -516,14 +510,6 @@ _ROWS += [("t2p_posecode_acc", "Text-to-pose posecode accuracy (%)", False),
           ("vqa_text_sim", "VQA answer similarity (text reward's E, x100)", False),
           ("vqa_exact", "VQA exact answers (%)", False),
           ("format_rate", "Format rate, pose tasks (%)", False)]
-
-
-def _cell(results, key):
-    if key.endswith("@"):
-        vals = [results.get(f"{key}{k}") for k in (5, 10, 20)]
-        return None if any(v is None for v in vals) else vals
-    v = results.get(key)
-    return None if v is None else [v]
 
 
 _BASELINES = [("i2p_mean_pose_mpjpe_mm", "Image-to-pose MPJPE of always answering the average training pose (mm)"),
@@ -613,8 +599,6 @@ def compare_runs(groups: dict) -> str:
     the same order), a last column gives the per-seed difference of their gains, mean +- s.e.
 
     groups: {label: [run folder, ...]}; each folder holds eval_before.json and eval_after.json."""
-    import json
-    import os
     loaded = {}
     for label, runs in groups.items():
         loaded[label] = []
@@ -667,7 +651,6 @@ PANEL_W, PANEL_H, PAD_L, PAD_R, PAD_T, PAD_B = 250, 170, 48, 12, 22, 38  # pixel
 
 def read_metrics(path: str) -> list:
     """The rows of a metrics.jsonl, in step order (json reads the NaN that marks a step without that task)."""
-    import json
     with open(path) as f:
         return sorted((json.loads(line) for line in f if line.strip()), key=lambda r: r["step"])
 
@@ -750,7 +733,6 @@ def _panel(x0: float, y0: float, title: str, series: list) -> list:
 def _figure(title: str, panels: list, legend: list) -> str:
     """Panels in a grid of up to 3 columns under a header holding the title and the legend, wrapped to the
     figure's width (outside every data area). panels: (title, series); legend: (colour, text, kind)."""
-    from xml.sax.saxutils import escape
     cols = min(3, max(1, len(panels)))
     W, x, y = cols * PANEL_W, 8, 26
     marks = ['<g class="legend">']
@@ -834,7 +816,6 @@ def comparison_svg(groups: dict, title: str = "reward per RFT step, mean over se
 
 def write_svg(svg: str, path: str) -> None:
     """Write atomically (tmp file, then rename): a reader, or a run killed mid-write, never sees half a figure."""
-    import os
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         f.write(svg)
@@ -849,15 +830,7 @@ def main(argv=None):
     """Evaluate a checkpoint: PoseWorld test (image-to-pose, text-to-pose with both retrievers under both
     protocols, posecode accuracy, VQA, format), plus 3DPW / Human3.6M test when their paths are given.
     Prints the table and writes eval.json and eval.md next to the checkpoint (or to --out_dir)."""
-    import argparse
-    import json
-    import os
 
-    import data
-    import model as M
-    import rewards
-    import smpl
-    import sys
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] == "--compare":  # python eval.py --compare LABEL=out/a0,out/a1 LABEL=... [--figure=f.svg]
         groups, figure = {}, None
@@ -926,8 +899,7 @@ def main(argv=None):
         policy.requires_grad_(False)  # evaluation trains nothing
         if policy._reference is None:  # an SFT checkpoint: it is its own reference
             policy.freeze_reference()
-        from train_rft import reference_hidden_states
-        embedder = rewards.MeanPoolEmbedder(reference_hidden_states(policy), tokenizer, device=device)
+        embedder = rewards.MeanPoolEmbedder(M.reference_hidden_states(policy), tokenizer, device=device)
     world = data.PoseWorld(args.split, seed=cfg.get("seed", 0), image_size=cfg.get("image_size", 64))
     train = data.PoseWorld("train", size=cfg.get("poseworld_size", 6000), seed=cfg.get("seed", 0),
                            image_size=cfg.get("image_size", 64))

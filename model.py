@@ -50,6 +50,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
+import torch.distributed
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
@@ -2548,6 +2549,29 @@ def policy_logprobs(model, rollout):
     return PolicyScores(logprobs=logprobs, pose_logprobs=pose_logprobs, pose=dist)
 
 
+def answer_texts(rollout, tokenizer):
+    """The text a_i of every candidate of a rollout: its generated tokens up to, not including, </s>,
+    decoded once per answer and shared by the answer's pose draws. -> list of N strings."""
+    N, M = rollout.tokens.shape[0], rollout.pose_samples
+    keep = rollout.mask & (rollout.tokens != tokenizer.eos_id)  # (N, Tn) the answer without </s>
+    texts = [tokenizer.decode(rollout.tokens[i][keep[i]].tolist()) for i in range(0, N, M)]  # one per answer
+    return [t for t in texts for _ in range(M)]  # (N,) an answer's pose draws share its text
+
+
+def reference_hidden_states(policy):
+    """hidden_states(input_ids, attention_mask) of the frozen reference policy's decoder, for the text
+    embedder stand-in (rewards.MeanPoolEmbedder): text only, no gradients. Every id is embedded as a
+    word, as generation fed it (a garbage answer may contain the <image> id, which has no image here)."""
+    decoder = policy.llava.language_model.model
+
+    def hidden_states(input_ids, attention_mask):
+        with torch.no_grad(), policy.reference():
+            x = decoder.embed_tokens(input_ids)  # (B, T, d)
+            positions, mask = positions_and_mask(attention_mask, input_ids.shape[1])  # (B, T), (B, 1, T, T)
+            return decoder(x, positions, mask)  # (B, T, d) last layer, after the final norm
+    return hidden_states
+
+
 # ----------------------------------------------------------------------------------------------------
 # 12. Checkpoints of a run: model.safetensors + config.json + tokenizer.json
 #
@@ -2735,3 +2759,237 @@ def load_checkpoint(path, llava_path=None, pose_encoder_path=None, device="cpu",
         model._reference = {n: t.to(device=device, dtype=params[n].dtype) for n, t in reference.items()}
     model.set_trainable("rft" if reference else "sft")
     return model, tokenizer, meta.get("extra")
+
+
+# ====================================================================================================
+# Run plumbing: not in the paper
+#
+# What both training scripts (and eval.py) share around the method: `--key=value` overrides and the
+# checks of a config, torchrun's distributed setup, print0, the learning-rate schedule, gradient and
+# metric averaging over ranks, metrics.jsonl, and the run folder's train_state (optimiser, every rank's
+# RNG, step) for --resume. It lives here, not inline in each script as nanoGPT does, because two scripts
+# need every line of it and would otherwise drift apart; and here rather than in data.py because half of
+# it is about the checkpoint folder this file writes (recover_run, load_train_state, run_finished).
+
+
+# Spellings of --dtype: what each means. float16 is refused rather than run in float32: it needs loss
+# scaling, which these scripts do not do.
+DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16"}
+# Counts that must be at least 1 (0 would divide by zero, never save, or train nothing), where present.
+POSITIVE_FIELDS = ("max_steps", "batch_size", "save_every", "log_every", "gallery_every", "inner_epochs",
+                   "pose_samples",
+                   "poseworld_size", "image_size", "vocab_size", "retriever_pairs",
+                   "retriever_steps", "retriever_batch")
+
+
+def check_config(cfg):
+    """Validate a config once, at the top of a script (SFTConfig or train_rft.RFTConfig), so a bad setting
+    is one message naming the flag and what it allows, not a deep traceback, a silent fp32 run or a
+    wrong result. Normalises --dtype's aliases in place. Returns cfg."""
+    problems = []
+    for f in fields(cfg):  # a config built in Python (main(cfg=...)) is not typed by the parser
+        value, want = getattr(cfg, f.name), type(f.default)
+        if type(value) is not want and not (want is float and type(value) is int):
+            problems.append(f"--{f.name}={value!r} must be a {want.__name__}")
+    if problems:
+        raise SystemExit("bad settings:\n  " + "\n  ".join(problems))
+    if cfg.dtype.lower() in DTYPES:
+        cfg.dtype = DTYPES[cfg.dtype.lower()]
+    else:
+        problems.append(f"--dtype={cfg.dtype!r}: allowed {', '.join(DTYPES)} (float16 is not supported: "
+                        f"it needs loss scaling; use bfloat16)")
+    if cfg.preset not in PRESETS:
+        problems.append(f"--preset={cfg.preset!r}: allowed {', '.join(PRESETS)}")
+    for name in POSITIVE_FIELDS:
+        if hasattr(cfg, name) and getattr(cfg, name) < 1:
+            problems.append(f"--{name}={getattr(cfg, name)}: must be at least 1")
+    if getattr(cfg, "eval_size", 0) < 0:
+        problems.append(f"--eval_size={cfg.eval_size}: 0 (the whole test split) or a number of test samples")
+    if getattr(cfg, "agreement_prompts", 0) < 0:
+        problems.append(f"--agreement_prompts={cfg.agreement_prompts}: 0 (skip) or a number of test captions")
+    if cfg.stop_after < 0:
+        problems.append(f"--stop_after={cfg.stop_after}: 0 (run to --max_steps) or a number of steps")
+    if hasattr(cfg, "G") and cfg.G < 2:
+        problems.append(f"--G={cfg.G}: at least 2 candidates per prompt (Eq. 16 compares each with its group; "
+                        f"with 1 every advantage is 0)")
+    if hasattr(cfg, "temperature") and not cfg.temperature > 0:
+        problems.append(f"--temperature={cfg.temperature}: must be > 0 in RFT (0 is greedy decoding: the G "
+                        f"candidates coincide and the sampling policy has no log-probabilities)")
+    if hasattr(cfg, "clip_eps") and not cfg.clip_eps >= 0:
+        problems.append(f"--clip_eps={cfg.clip_eps}: must be >= 0 (the ratio is clipped to [1 - eps, 1 + eps])")
+    if hasattr(cfg, "top_p") and not 0 < cfg.top_p <= 1:
+        problems.append(f"--top_p={cfg.top_p}: must be in (0, 1]")
+    if problems:
+        raise SystemExit("bad settings:\n  " + "\n  ".join(problems))
+    return cfg
+
+
+def apply_overrides(cfg, argv):
+    """nanoGPT-style `--key=value` overrides of a config dataclass, typed by the field's default."""
+    types = {f.name: type(getattr(cfg, f.name)) for f in fields(cfg)}
+    for arg in argv:
+        if not arg.startswith("--") or "=" not in arg:
+            raise SystemExit(f"bad argument {arg!r}: use --key=value (keys: {', '.join(types)})")
+        key, value = arg[2:].split("=", 1)
+        if key not in types:
+            raise SystemExit(f"unknown option --{key}; options: {', '.join(types)}")
+        t = types[key]
+        if t is bool:
+            if value.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                raise SystemExit(f"--{key} takes true/false, got {value!r}")
+            parsed = value.lower() in ("1", "true", "yes")
+        else:
+            try:
+                parsed = t(value)
+            except ValueError:
+                raise SystemExit(f"--{key} takes a {t.__name__}, got {value!r}") from None
+        setattr(cfg, key, parsed)
+    return cfg
+
+
+def setup_distributed(device_name="auto"):
+    """torchrun sets RANK / LOCAL_RANK / WORLD_SIZE; a plain `python` run is rank 0 of 1.
+    Returns (rank, world_size, device). gloo on CPU, NCCL on GPU."""
+    rank = int(os.environ.get("RANK", 0))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if device_name == "auto":
+        device_name = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device_name)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world_size > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return rank, world_size, device
+
+
+def print0(*args, **kwargs):
+    """print on rank 0 only."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def lr_at(step, max_steps, lr, warmup_steps, min_lr_ratio):
+    """Linear warm-up, then cosine decay to lr * min_lr_ratio (Table 4: cosine schedule)."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+    return lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def all_reduce_mean_(tensors, world_size):
+    """Average tensors (gradients, metrics) over ranks in place, as one flat buffer."""
+    if world_size == 1 or not tensors:
+        return
+    flat = torch.cat([t.reshape(-1) for t in tensors])  # (total,)
+    torch.distributed.all_reduce(flat)
+    flat /= world_size
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
+def average_gradients(params, world_size):
+    """Data parallelism by hand: after backward on its own shard, each rank averages the gradients of the
+    trained parameters, so every rank takes the same optimiser step and the replicas stay identical."""
+    grads = []
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        grads.append(p.grad)
+    all_reduce_mean_(grads, world_size)
+
+
+def append_jsonl(path, record):
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def check_finite_update(loss, grad_norm, cfg, step=None):
+    """Stop before a step with a NaN or infinite loss or gradient is applied: one such step turns every
+    weight into NaN, and the next save would replace the last good checkpoint with it. The check runs
+    after the gradient all-reduce, so under torchrun every rank sees the same norm and stops together."""
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        where = "this step" if step is None else f"step {step + 1}"
+        raise SystemExit(f"{where}: the loss ({loss}) or the gradient norm ({grad_norm}) is not finite; "
+                         f"stopped before applying it. The last good checkpoint is kept in "
+                         f"{os.path.join(cfg.out_dir, CHECKPOINT_DIR)}; lower --lr, or check the settings "
+                         f"(e.g. a NaN weight such as --beta)")
+
+
+def recover_run(out_dir):
+    """On start (rank 0): finish or roll back a checkpoint swap a killed run left half-done."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        done = recover_checkpoint(os.path.join(out_dir, CHECKPOINT_DIR))
+        if done:
+            print0(f"{out_dir}: a save was interrupted; {done}")
+
+
+def trim_metrics(path, step):
+    """On --resume: keep the metrics rows up to the saved step (the rows after it are logged again) and
+    drop a torn last line (a power cut mid-write), rewriting the file atomically."""
+    if not os.path.exists(path):
+        return
+    rows = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue  # a torn line: what it held is logged again after the resume
+            if isinstance(row, dict) and row.get("step", 0) <= step:
+                rows.append(line if line.endswith("\n") else line + "\n")
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(rows)
+    os.replace(tmp, path)
+
+
+def rng_states(world_size, generator=None):
+    """Every rank's RNG states, torch's and the sampling generator's, in rank order (all ranks call this;
+    rank 0 saves the list): each rank draws its own numbers, so a resume that handed every rank rank 0's
+    state would differ from the uninterrupted run."""
+    mine = {"torch_rng": torch.get_rng_state()}
+    if generator is not None:
+        mine["generator"] = generator.get_state()
+    if world_size == 1:
+        return [mine]
+    states = [None] * world_size
+    torch.distributed.all_gather_object(states, mine)
+    return states
+
+
+def restore_rng_states(state, rank, world_size, generator=None):
+    """This rank's RNG states from a train_state (rng_states' list; older checkpoints hold rank 0's only)."""
+    per_rank = state.get("rng_per_rank") or [{"torch_rng": state["torch_rng"], "generator": state.get("generator")}]
+    if len(per_rank) != world_size:
+        print0(f"--resume: the checkpoint holds the RNG states of {len(per_rank)} ranks, this run has "
+               f"{world_size}; the random numbers will not repeat those of an uninterrupted run")
+    mine = per_rank[rank % len(per_rank)]
+    torch.set_rng_state(mine["torch_rng"])
+    if generator is not None and mine.get("generator") is not None:
+        generator.set_state(mine["generator"])
+
+
+def run_finished(extra):
+    """Whether the run that saved a checkpoint (its config.json `extra`) reached its max_steps.
+    Checkpoints from before the flag was recorded say it through their step and config."""
+    extra = extra or {}
+    if "finished" in extra:
+        return bool(extra["finished"])
+    return extra.get("step", 0) >= (extra.get("config") or {}).get("max_steps", 0)
+
+
+def load_train_state(out_dir):
+    """The optimiser / RNG / step state saved with the run's last checkpoint, or a clear error."""
+    path = os.path.join(out_dir, CHECKPOINT_DIR, "train_state.pt")
+    if not os.path.exists(path):
+        raise SystemExit(f"--resume: no {path}; start without --resume, or point --out_dir at a run "
+                         f"that saved a checkpoint")
+    # our own file, but still: weights_only keeps a tampered file from running code
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
+        raise SystemExit(f"--resume: {path} is not readable ({type(e).__name__}: {e}); it is empty or "
+                         f"damaged. Start without --resume, or restore the file") from None

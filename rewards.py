@@ -45,7 +45,7 @@ import re
 import struct
 import time
 import unicodedata
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Callable, Protocol, Sequence
 
 import torch
@@ -56,6 +56,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 import data
+import model
 import smpl
 
 # ----------------------------------------------------------------------------------------------------
@@ -749,6 +750,13 @@ JOINT_FLOOR = 0.01  # metres: the joint reward is 1 / max(error, 1 cm), so at mo
 MAX_BODY_EXTENT = 10.0  # metres: no joint of a real body lies this far from its pelvis
 
 
+def per_candidate(*shape, dtype: torch.dtype | None = None, optional: bool = False):
+    """A tensor field of Candidates, one row per candidate: shape (N, *shape), "K" for any size; dtype,
+    when given, is checked too. optional: the field may be None (a data set that lacks it)."""
+    meta = {"shape": shape, "dtype": dtype}
+    return field(default=None, metadata=meta) if optional else field(metadata=meta)
+
+
 @dataclass
 class Candidates:
     """N = (prompts x G) sampled candidates (a_i, p_i) and what the rewards compare them with.
@@ -773,40 +781,40 @@ class Candidates:
     mentioned   (N, K) bool     PoseWorld only (else None): the codes its caption names (data.py); only
                                 the `oracle` diagnostic reads these two, no reward of the paper does
 
-    To give the rewards a new field: add it here with its shape, and fill it in train_rft.candidates_of.
-    `select` and the shape check below follow the fields by themselves.
+    To give the rewards a new field: declare it here (a list, or a tensor with `per_candidate(...)`),
+    and fill it in `candidates_of` just below. The checks of __post_init__ and `select` go over the
+    fields by themselves.
     """
     task: list[str]
     text: list[str]
-    valid: torch.Tensor
-    pose: torch.Tensor
-    joints: torch.Tensor
-    gt_joints: torch.Tensor
-    has_gt: torch.Tensor
+    valid: torch.Tensor = per_candidate(dtype=torch.bool)
+    pose: torch.Tensor = per_candidate(24, 3, 3)
+    joints: torch.Tensor = per_candidate(24, 3)
+    gt_joints: torch.Tensor = per_candidate(24, 3)
+    has_gt: torch.Tensor = per_candidate(dtype=torch.bool)
     question: list[str]
     caption: list[str | None]
     ref_answer: list[str]
-    codes: torch.Tensor | None = None
-    mentioned: torch.Tensor | None = None
+    codes: torch.Tensor | None = per_candidate("K", optional=True)
+    mentioned: torch.Tensor | None = per_candidate("K", optional=True)
 
     def __post_init__(self):
         N = len(self.task)
-        for name in ("text", "question", "caption", "ref_answer"):
-            if len(getattr(self, name)) != N:
-                raise ValueError(f"Candidates: {name} has {len(getattr(self, name))} entries, task has {N}")
-        expected = {"valid": (N,), "has_gt": (N,), "pose": (N, 24, 3, 3), "joints": (N, 24, 3),
-                    "gt_joints": (N, 24, 3)}
-        for name, shape in expected.items():
-            if tuple(getattr(self, name).shape) != shape:
-                raise ValueError(f"Candidates: {name} must have shape {shape} for N={N} candidates, "
-                                 f"got {tuple(getattr(self, name).shape)}")
-        for name in ("codes", "mentioned"):
-            value = getattr(self, name)
-            if value is not None and (value.dim() != 2 or value.shape[0] != N):
-                raise ValueError(f"Candidates: {name} must have shape (N={N}, K), got {tuple(value.shape)}")
-        for name in ("valid", "has_gt"):
-            if getattr(self, name).dtype != torch.bool:
-                raise ValueError(f"Candidates: {name} must be a bool tensor, got {getattr(self, name).dtype}")
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if "shape" not in f.metadata:  # a list: one entry per candidate
+                if len(value) != N:
+                    raise ValueError(f"Candidates: {f.name} has {len(value)} entries, task has {N}")
+                continue
+            if value is None and f.default is None:
+                continue
+            want = (N, *f.metadata["shape"])
+            if value.dim() != len(want) or any(w != "K" and s != w for s, w in zip(value.shape, want)):
+                shape = "(" + ", ".join(f"N={N}" if i == 0 else str(w) for i, w in enumerate(want)) + ")"
+                raise ValueError(f"Candidates: {f.name} must have shape {shape} for N={N} candidates, "
+                                 f"got {tuple(value.shape)}")
+            if f.metadata["dtype"] is not None and value.dtype != f.metadata["dtype"]:
+                raise ValueError(f"Candidates: {f.name} must be a {f.metadata['dtype']} tensor, got {value.dtype}")
         unknown = sorted(set(self.task) - set(TASKS))
         if unknown:
             raise ValueError(f"Candidates: unknown task(s) {unknown}; tasks are {TASKS}")
@@ -826,6 +834,28 @@ class Candidates:
                 return value[index.to(value.device)]
             return [value[i] for i in rows]
         return Candidates(**{f.name: pick(getattr(self, f.name)) for f in fields(self)})
+
+
+def candidates_of(rollout, batch, tokenizer, body_model, G) -> Candidates:
+    """What the rewards see of the N = B x G candidates of a rollout (model.sample_policy) for a
+    collated batch: the decoded answers, the poses as matrices and SMPL joints, and per prompt, repeated
+    for its G candidates, the task, question, caption, reference answer, ground-truth joints (of the
+    same body model as the prediction) and PoseWorld's posecodes when the data set has them."""
+    N = rollout.tokens.shape[0]
+    R = smpl.rot6d_to_matrix(rollout.pose.view(N, 24, 6))  # (N, 24, 3, 3)
+    joints = smpl.pose_joints(rollout.pose, body_model)  # (N, 24, 3)
+    has_gt = batch["has_pose"].repeat_interleave(G)  # (N,)
+    gt_pose = model.pose_to_rot6d(batch["pose"]).repeat_interleave(G, dim=0)  # (N, 144)
+    gt_joints = smpl.pose_joints(gt_pose, body_model)  # (N, 24, 3) same body model as the prediction
+    rep = lambda xs: [x for x in xs for _ in range(G)]  # noqa: E731  per prompt -> per candidate
+    codes = {}  # PoseWorld's reference posecodes and the caption's codes, for the `oracle` diagnostic
+    if isinstance(batch.get("codes"), list) and all(torch.is_tensor(x) for x in batch["codes"]):
+        codes = {"codes": torch.stack(batch["codes"]).repeat_interleave(G, dim=0),  # (N, K)
+                 "mentioned": torch.stack(batch["mentioned"]).repeat_interleave(G, dim=0)}  # (N, K)
+    return Candidates(task=rep(batch["task"]), text=model.answer_texts(rollout, tokenizer), valid=rollout.valid,
+                      pose=R, joints=joints, gt_joints=gt_joints, has_gt=has_gt, question=rep(batch["question"]),
+                      caption=rep(batch.get("caption") or [None] * len(batch["task"])),
+                      ref_answer=rep(batch["answer"]), **codes)
 
 
 @dataclass
@@ -872,8 +902,15 @@ REWARDS: dict[str, Reward] = {}
 KINDS = ("discrete", "continuous")
 
 
+def _qualified(fn) -> str:
+    return f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', repr(fn))}"
+
+
 def register_reward(name: str, kind: str, tasks: Sequence[str]):
-    """Decorator: add `fn(c: Candidates, ctx: RewardContext) -> (n,) tensor` to REWARDS under `name`."""
+    """Decorator: add `fn(c: Candidates, ctx: RewardContext) -> (n,) tensor` to REWARDS under `name`.
+
+    Registering a name again with a function of the same name (a notebook cell run twice, an edited
+    reward re-run) replaces the entry; a different function under a name already taken is an error."""
     if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
         raise ValueError(f"reward name {name!r}: use letters, digits and '_' (it is typed in --rewards)")
     if kind not in KINDS:
@@ -883,7 +920,7 @@ def register_reward(name: str, kind: str, tasks: Sequence[str]):
         raise ValueError(f"reward {name!r}: tasks must be a non-empty subset of {TASKS}, got {tasks}")
 
     def decorate(fn):
-        if name in REWARDS:
+        if name in REWARDS and _qualified(REWARDS[name].fn) != _qualified(fn):
             raise ValueError(f"a reward named {name!r} is already registered ({REWARDS[name].fn.__name__}); "
                              f"pick another name, or `del rewards.REWARDS[{name!r}]` first")
         REWARDS[name] = Reward(name, kind, tasks, fn)
@@ -1332,7 +1369,6 @@ class PoseTextRetriever(nn.Module):
                              f"{sorted(set(raw) - names)}, missing {sorted(names - set(raw))}")
         cfg = RetrieverConfig(**raw)
         if tokenizer is None:
-            import model  # here, not at the top: rewards.py must not need the language model to import
             tokenizer = model.Tokenizer.from_file(files["tokenizer"])
         fingerprint = tokenizer_fingerprint(tokenizer)
         if tokenizer.vocab_size != cfg.vocab_size or fingerprint != cfg.tokenizer_fingerprint:

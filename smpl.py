@@ -968,3 +968,38 @@ class SMPL(torch.nn.Module):
             for name in self.extra_regressor_names:
                 extra[name] = torch.matmul(getattr(self, f"J_regressor_{name}"), vertices)  # (B, K, 3)
         return SMPLOutput(joints=joints, vertices=vertices, transforms=transforms, extra=extra)
+
+
+def pose_joints(pose: torch.Tensor, body: SMPL | None = None) -> torch.Tensor:
+    """The 24 joints of a batch of poses, joints only (no mesh, no translation: the pelvis stays at its
+    rest location whatever the global orientation). -> (B, 24, 3) metres.
+
+    pose, told apart by its shape:
+      (B, 24, 3)     axis-angle, as the data sets store a pose;
+      (B, 144)       the pose head's rot6d numbers (model.py: joint-major, each joint's column 0 then
+                     column 1), made rotations by Gram-Schmidt (rot6d_to_matrix);
+      (B, 24, 3, 3)  rotation matrices.
+    body: an SMPL (the official model, or a skeleton); None = the built-in skeleton, on the CPU, which
+    PoseWorld is made with."""
+    if pose.dim() == 2 and pose.shape[1] == NUM_JOINTS * 6:
+        R = rot6d_to_matrix(pose.reshape(pose.shape[0], NUM_JOINTS, 6))  # (B, 24, 3, 3)
+    elif pose.dim() == 3 and pose.shape[1:] == (NUM_JOINTS, 3):
+        R = pose  # (B, 24, 3) axis-angle: SMPL.forward turns it into matrices
+    elif pose.dim() == 4 and pose.shape[1:] == (NUM_JOINTS, 3, 3):
+        R = pose  # (B, 24, 3, 3)
+    else:
+        raise ValueError(f"pose_joints expects axis-angle poses (B, 24, 3), rot6d poses (B, 144) or rotation "
+                         f"matrices (B, 24, 3, 3); got {tuple(pose.shape)}")
+    body = _builtin_skeleton() if body is None else body
+    return body(R[:, 1:], global_orient=R[:, 0], return_vertices=False).joints  # (B, 24, 3)
+
+
+@functools.lru_cache(maxsize=1)
+def _builtin_skeleton() -> SMPL:
+    return SMPL()
+
+
+def build_body_model(smpl_path: str, device) -> SMPL:
+    """The official SMPL file when given, else the built-in skeleton (PoseWorld is made with it)."""
+    body = SMPL.from_file(smpl_path) if smpl_path else SMPL()
+    return body.to(device)

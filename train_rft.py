@@ -45,9 +45,10 @@ import hygrpo
 import model as M
 import rewards
 import smpl
-import train_sft
-from train_sft import (all_reduce_mean_, append_jsonl, apply_overrides, average_gradients,
-                       build_body_model, lr_at, pose_joints, print0, setup_distributed, to_device)
+import train_sft  # only to run stage 1 when pi_init is missing (ensure_sft)
+from model import (append_jsonl, apply_overrides, average_gradients, check_config, check_finite_update,
+                   load_train_state, lr_at, print0, recover_run, restore_rng_states, rng_states, run_finished,
+                   setup_distributed, trim_metrics)
 
 
 @dataclass
@@ -117,34 +118,6 @@ class RFTConfig:
 # One HyGRPO step
 
 
-def candidates_of(rollout, batch, tokenizer, body_model, G):
-    """What the rewards see of the N = B x G candidates (rewards.Candidates)."""
-    N, reps = rollout.tokens.shape[0], rollout.pose_samples
-    keep = rollout.mask & (rollout.tokens != tokenizer.eos_id)  # (N, Tn) the answer without </s>
-    texts = [tokenizer.decode(rollout.tokens[i][keep[i]].tolist()) for i in range(0, N, reps)]  # one per answer
-    texts = [t for t in texts for _ in range(reps)]  # (N,) an answer's pose draws share its text
-    R = smpl.rot6d_to_matrix(rollout.pose.view(N, 24, 6))  # (N, 24, 3, 3)
-    joints = pose_joints(body_model, rollout.pose)  # (N, 24, 3)
-    has_gt = batch["has_pose"].repeat_interleave(G)  # (N,)
-    gt_pose = M.pose_to_rot6d(batch["pose"]).repeat_interleave(G, dim=0)  # (N, 144)
-    gt_joints = pose_joints(body_model, gt_pose)  # (N, 24, 3) same body model as the prediction
-    rep = lambda xs: [x for x in xs for _ in range(G)]  # noqa: E731  per prompt -> per candidate
-    return rewards.Candidates(task=rep(batch["task"]), text=texts, valid=rollout.valid, pose=R, joints=joints,
-                              gt_joints=gt_joints, has_gt=has_gt, question=rep(batch["question"]),
-                              caption=rep(batch.get("caption") or [None] * len(batch["task"])),
-                              ref_answer=rep(batch["answer"]), **posecodes_of(batch, G))
-
-
-def posecodes_of(batch, G):
-    """PoseWorld's reference posecodes and the caption's codes, per candidate (for the `oracle`
-    diagnostic); {} for data sets that have none."""
-    if not isinstance(batch.get("codes"), list) or not all(torch.is_tensor(x) for x in batch["codes"]):
-        return {}
-    codes = torch.stack(batch["codes"]).repeat_interleave(G, dim=0)  # (N, K)
-    mentioned = torch.stack(batch["mentioned"]).repeat_interleave(G, dim=0)  # (N, K)
-    return {"codes": codes, "mentioned": mentioned}
-
-
 def pose_scored(valid, tasks):
     """(N,) bool: the set V of Eq. 6, the candidates with a pose whose TASK has a continuous reward (any
     registered one, whatever its weight, so Table 5's zero-weight ablation keeps V). A VQA answer that
@@ -179,7 +152,7 @@ def hygrpo_step(policy, opt, params, batch, cfg, ctx, weights, body_model, token
 
     # line 7: rewards; R_d scores the text a_i, R_c the pose p_i
     t0 = time.time()
-    cands = candidates_of(rollout, batch, tokenizer, body_model, G)
+    cands = rewards.candidates_of(rollout, batch, tokenizer, body_model, G)
     R_d, R_c, per_reward = rewards.compute_rewards(cands, ctx, weights)  # (N,), (N,), {name: (N,)}
     # line 8: group-relative advantages, Eq. 16, over each prompt's G candidates
     F_hat = hygrpo.group_advantages(R_d, G=G)  # (N,) every candidate has a text answer
@@ -210,7 +183,7 @@ def hygrpo_step(policy, opt, params, batch, cfg, ctx, weights, body_model, token
         loss.backward()
         average_gradients(params, world_size)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item()
-        train_sft.check_finite_update(loss.item(), grad_norm, cfg)
+        check_finite_update(loss.item(), grad_norm, cfg)
         opt.step()
     timings["t_update"] = time.time() - t0
 
@@ -285,14 +258,14 @@ def ensure_sft(cfg):
     run that stopped before its max_steps (killed, or --stop_after) is not pi_init: the tiny main job
     resumes it with its own saved config; otherwise RFT refuses it, with the command that finishes it,
     unless --allow_unfinished_sft=true."""
-    train_sft.recover_run(cfg.sft_dir)
+    recover_run(cfg.sft_dir)
     config_path = os.path.join(M.checkpoint_dir(cfg.sft_dir), "config.json")
     if os.path.exists(config_path):
         try:
             extra = json.load(open(config_path)).get("extra") or {}
         except (ValueError, AttributeError) as e:
             raise SystemExit(f"{config_path}: not a checkpoint config ({type(e).__name__}: {e})") from None
-        if train_sft.run_finished(extra) or cfg.allow_unfinished_sft:
+        if run_finished(extra) or cfg.allow_unfinished_sft:
             return
         saved = extra.get("config") or {}
         if cfg.preset != "tiny":
@@ -314,7 +287,7 @@ def ensure_sft(cfg):
                                   poseworld_size=cfg.poseworld_size, image_size=cfg.image_size,
                                   num_threads=cfg.num_threads)
     for item in filter(None, cfg.sft_overrides.split(";")):  # e.g. "max_steps=100;lr=1e-3"
-        train_sft.apply_overrides(sft_cfg, ["--" + item.strip()])
+        apply_overrides(sft_cfg, ["--" + item.strip()])
     train_sft.main(cfg=sft_cfg)
 
 
@@ -335,20 +308,6 @@ def load_policy(cfg, device):
     return policy, tokenizer
 
 
-def reference_hidden_states(policy):
-    """hidden_states(input_ids, attention_mask) of the frozen reference policy's decoder, for the text
-    embedder stand-in (rewards.MeanPoolEmbedder): text only, no gradients. Every id is embedded as a
-    word, as generation fed it (a garbage answer may contain the <image> id, which has no image here)."""
-    decoder = policy.llava.language_model.model
-
-    def hidden_states(input_ids, attention_mask):
-        with torch.no_grad(), policy.reference():
-            x = decoder.embed_tokens(input_ids)  # (B, T, d)
-            positions, mask = M.positions_and_mask(attention_mask, input_ids.shape[1])  # (B, T), (B, 1, T, T)
-            return decoder(x, positions, mask)  # (B, T, d) last layer, after the final norm
-    return hidden_states
-
-
 def reward_context(cfg, weights, policy, tokenizer, device):
     """The shared resources of the rewards: the reward retriever (never the eval one), the text embedder."""
     retriever = None
@@ -358,12 +317,12 @@ def reward_context(cfg, weights, policy, tokenizer, device):
     if cfg.bge_path:
         embedder = rewards.BGEM3TextEmbedder(cfg.bge_path, device=device)
     else:  # the stand-in for BGE-M3: mean-pooled hidden states of the frozen reference model
-        embedder = rewards.MeanPoolEmbedder(reference_hidden_states(policy), tokenizer, device=device)
+        embedder = rewards.MeanPoolEmbedder(M.reference_hidden_states(policy), tokenizer, device=device)
     return rewards.RewardContext(retriever=retriever, embedder=embedder)
 
 
 def main(argv=None):
-    cfg = train_sft.check_config(apply_overrides(RFTConfig(), sys.argv[1:] if argv is None else argv))
+    cfg = check_config(apply_overrides(RFTConfig(), sys.argv[1:] if argv is None else argv))
     if cfg.algo not in ("hygrpo", "grpo"):
         raise SystemExit(f"--algo must be hygrpo or grpo, got {cfg.algo!r}")
     if cfg.reward_retriever not in ("reward", "eval"):
@@ -382,13 +341,13 @@ def main(argv=None):
         dist.barrier()  # the other ranks wait for rank 0's SFT
     torch.manual_seed(cfg.seed)  # identical fresh LoRA on every rank
     os.makedirs(cfg.out_dir, exist_ok=True)
-    train_sft.recover_run(cfg.out_dir)
+    recover_run(cfg.out_dir)
     if world_size > 1:
         dist.barrier()  # the checkpoint is whole before any rank reads it
     print0(f"train_rft.py on {world_size} x {device}\n" + json.dumps(dataclasses.asdict(cfg), indent=1))
 
     policy, tokenizer = load_policy(cfg, device)
-    body_model = build_body_model(cfg.smpl_path, device)
+    body_model = smpl.build_body_model(cfg.smpl_path, device)
     ctx = reward_context(cfg, weights, policy, tokenizer, device)
     params = [p for p in policy.parameters() if p.requires_grad]
     print0(f"policy: {sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M parameters, "
@@ -399,13 +358,12 @@ def main(argv=None):
     if cfg.resume:
         step = resume(cfg, opt, generator, rank, world_size)
 
-    shared = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(train_sft.SFTConfig) if hasattr(cfg, f.name)}
-    train_set = sft_set = train_sft.build_datasets(train_sft.SFTConfig(**shared), "train")  # the SFT run's data
+    train_set = sft_set = data.build_datasets(cfg, "train")  # the SFT run's data (the same data fields)
     if cfg.task_mix and cfg.data == "poseworld":  # the same poses, their tasks drawn in other proportions
         train_set = data.PoseWorld("train", size=cfg.poseworld_size, seed=cfg.seed, image_size=cfg.image_size,
                                    mix=parse_task_mix(cfg.task_mix))
     loader = iter(data.make_loader(train_set, cfg.batch_size, rank, world_size, seed=cfg.seed + 1,
-                                   start_step=step, collate_fn=train_sft.collate_fn(tokenizer, policy, True)))
+                                   start_step=step, collate_fn=data.collate_fn(tokenizer, policy, True)))
     evaluator = None
     if master and cfg.eval and cfg.data == "poseworld":
         evaluator = make_evaluator(cfg, tokenizer, body_model, ctx, sft_set, device)
@@ -426,7 +384,7 @@ def main(argv=None):
         lr = lr_at(step, cfg.max_steps, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio)
         for group in opt.param_groups:
             group["lr"] = lr
-        batch = to_device(next(loader), device)
+        batch = data.to_device(next(loader), device)
         with autocast:
             metrics = hygrpo_step(policy, opt, params, batch, cfg, ctx, weights, body_model, tokenizer,
                                   generator, world_size)
@@ -441,7 +399,7 @@ def main(argv=None):
                 gallery.add(policy, step)
                 write_reward_curves(metrics_path, os.path.join(cfg.out_dir, "reward_curves.svg"))
         if step % cfg.save_every == 0 or step == last:
-            rng = train_sft.rng_states(world_size, generator)  # every rank takes part; rank 0 saves
+            rng = rng_states(world_size, generator)  # every rank takes part; rank 0 saves
             if master:
                 save(cfg, policy, tokenizer, opt, generator, step, rng)
     bar.close()
@@ -472,7 +430,7 @@ def main(argv=None):
 def save(cfg, policy, tokenizer, opt, generator, step, rng=None):
     """out_dir/checkpoint: the policy (with its pi_ref copy) and the optimiser, every rank's RNG states and
     the step, swapped in atomically as one folder: a killed run loses at most the steps since the last save."""
-    rng = rng or train_sft.rng_states(1, generator)
+    rng = rng or rng_states(1, generator)
     M.save_checkpoint(policy, tokenizer, os.path.join(cfg.out_dir, M.CHECKPOINT_DIR),
                       extra={"stage": "rft", "step": step, "finished": step >= cfg.max_steps,
                              "config": dataclasses.asdict(cfg)},
@@ -483,11 +441,11 @@ def save(cfg, policy, tokenizer, opt, generator, step, rng=None):
 def resume(cfg, opt, generator, rank=0, world_size=1):
     """The optimiser, this rank's RNG states and the step of the last save (the policy itself came from
     the same checkpoint); metrics.jsonl is cut back to that step."""
-    state = train_sft.load_train_state(cfg.out_dir)
+    state = load_train_state(cfg.out_dir)
     opt.load_state_dict(state["optimizer"])
-    train_sft.restore_rng_states(state, rank, world_size, generator)
+    restore_rng_states(state, rank, world_size, generator)
     if rank == 0:
-        train_sft.trim_metrics(os.path.join(cfg.out_dir, "metrics.jsonl"), state["step"])
+        trim_metrics(os.path.join(cfg.out_dir, "metrics.jsonl"), state["step"])
     print0(f"resumed {cfg.out_dir} at step {state['step']}")
     return state["step"]
 
@@ -525,9 +483,9 @@ class Gallery:
     @torch.no_grad()
     def add(self, policy, step):
         policy.eval()
-        batch = to_device(train_sft.collate_fn(self.tokenizer, policy, True)(self.samples), self.device)
+        batch = data.to_device(data.collate_fn(self.tokenizer, policy, True)(self.samples), self.device)
         rollout = M.sample_policy(policy, batch, 1, 24, temperature=0.0)  # greedy text, mean pose
-        self.columns.append(pose_joints(self.body_model, rollout.mu).cpu())  # (n, 24, 3)
+        self.columns.append(smpl.pose_joints(rollout.mu, self.body_model).cpu())  # (n, 24, 3)
         self.steps.append(step)
         gt = torch.stack([s["joints"] for s in self.samples])  # (n, 24, 3)
         grid = torch.stack([gt] + self.columns, dim=1).flatten(0, 1)  # (n * (1 + steps), 24, 3)

@@ -20,17 +20,15 @@ Launch:
 
 Everything a run writes goes under --out_dir: checkpoint/ (model.safetensors, config.json, tokenizer.json
 and train_state.pt with the optimiser, RNG and step for --resume, replaced as a whole at each save),
-retriever_reward/ and retriever_eval/, and metrics.jsonl. `train_rft.py` imports the plumbing below (config overrides,
-distributed setup, schedule, atomic saves) so both stages behave the same.
+retriever_reward/ and retriever_eval/, and metrics.jsonl. The run plumbing (config overrides, distributed
+setup, schedule, metrics, --resume state) is model.py's last section, shared with train_rft.py so both
+stages behave the same.
 """
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
-import math
 import os
-import pickle
 import shutil
 import sys
 import time
@@ -47,6 +45,8 @@ import hygrpo
 import model as M
 import rewards
 import smpl
+from model import (append_jsonl, apply_overrides, average_gradients, check_config, check_finite_update, load_train_state,
+                   lr_at, print0, recover_run, restore_rng_states, rng_states, setup_distributed, trim_metrics)
 
 
 @dataclass
@@ -101,288 +101,14 @@ class SFTConfig:
     num_threads: int = 0             # torch CPU threads; 0 = torch's default
 
 
-# Spellings of --dtype: what each means. float16 is refused rather than run in float32: it needs loss
-# scaling, which these scripts do not do.
-DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16"}
-# Counts that must be at least 1 (0 would divide by zero, never save, or train nothing), where present.
-POSITIVE_FIELDS = ("max_steps", "batch_size", "save_every", "log_every", "gallery_every", "inner_epochs",
-                   "pose_samples",
-                   "poseworld_size", "image_size", "vocab_size", "retriever_pairs",
-                   "retriever_steps", "retriever_batch")
-
-
-def check_config(cfg):
-    """Validate a config once, at the top of a script (SFTConfig or train_rft.RFTConfig), so a bad setting
-    is one message naming the flag and what it allows, not a deep traceback, a silent fp32 run or a
-    wrong result. Normalises --dtype's aliases in place. Returns cfg."""
-    problems = []
-    for f in dataclasses.fields(cfg):  # a config built in Python (main(cfg=...)) is not typed by the parser
-        value, want = getattr(cfg, f.name), type(f.default)
-        if type(value) is not want and not (want is float and type(value) is int):
-            problems.append(f"--{f.name}={value!r} must be a {want.__name__}")
-    if problems:
-        raise SystemExit("bad settings:\n  " + "\n  ".join(problems))
-    if cfg.dtype.lower() in DTYPES:
-        cfg.dtype = DTYPES[cfg.dtype.lower()]
-    else:
-        problems.append(f"--dtype={cfg.dtype!r}: allowed {', '.join(DTYPES)} (float16 is not supported: "
-                        f"it needs loss scaling; use bfloat16)")
-    if cfg.preset not in M.PRESETS:
-        problems.append(f"--preset={cfg.preset!r}: allowed {', '.join(M.PRESETS)}")
-    for name in POSITIVE_FIELDS:
-        if hasattr(cfg, name) and getattr(cfg, name) < 1:
-            problems.append(f"--{name}={getattr(cfg, name)}: must be at least 1")
-    if getattr(cfg, "eval_size", 0) < 0:
-        problems.append(f"--eval_size={cfg.eval_size}: 0 (the whole test split) or a number of test samples")
-    if getattr(cfg, "agreement_prompts", 0) < 0:
-        problems.append(f"--agreement_prompts={cfg.agreement_prompts}: 0 (skip) or a number of test captions")
-    if cfg.stop_after < 0:
-        problems.append(f"--stop_after={cfg.stop_after}: 0 (run to --max_steps) or a number of steps")
-    if hasattr(cfg, "G") and cfg.G < 2:
-        problems.append(f"--G={cfg.G}: at least 2 candidates per prompt (Eq. 16 compares each with its group; "
-                        f"with 1 every advantage is 0)")
-    if hasattr(cfg, "temperature") and not cfg.temperature > 0:
-        problems.append(f"--temperature={cfg.temperature}: must be > 0 in RFT (0 is greedy decoding: the G "
-                        f"candidates coincide and the sampling policy has no log-probabilities)")
-    if hasattr(cfg, "clip_eps") and not cfg.clip_eps >= 0:
-        problems.append(f"--clip_eps={cfg.clip_eps}: must be >= 0 (the ratio is clipped to [1 - eps, 1 + eps])")
-    if hasattr(cfg, "top_p") and not 0 < cfg.top_p <= 1:
-        problems.append(f"--top_p={cfg.top_p}: must be in (0, 1]")
-    if problems:
-        raise SystemExit("bad settings:\n  " + "\n  ".join(problems))
-    return cfg
-
-
 # ----------------------------------------------------------------------------------------------------
-# Plumbing shared with train_rft.py
-
-
-def apply_overrides(cfg, argv):
-    """nanoGPT-style `--key=value` overrides of a config dataclass, typed by the field's default."""
-    types = {f.name: type(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
-    for arg in argv:
-        if not arg.startswith("--") or "=" not in arg:
-            raise SystemExit(f"bad argument {arg!r}: use --key=value (keys: {', '.join(types)})")
-        key, value = arg[2:].split("=", 1)
-        if key not in types:
-            raise SystemExit(f"unknown option --{key}; options: {', '.join(types)}")
-        t = types[key]
-        if t is bool:
-            if value.lower() not in ("1", "0", "true", "false", "yes", "no"):
-                raise SystemExit(f"--{key} takes true/false, got {value!r}")
-            parsed = value.lower() in ("1", "true", "yes")
-        else:
-            try:
-                parsed = t(value)
-            except ValueError:
-                raise SystemExit(f"--{key} takes a {t.__name__}, got {value!r}") from None
-        setattr(cfg, key, parsed)
-    return cfg
-
-
-def setup_distributed(device_name="auto"):
-    """torchrun sets RANK / LOCAL_RANK / WORLD_SIZE; a plain `python` run is rank 0 of 1.
-    Returns (rank, world_size, device). gloo on CPU, NCCL on GPU."""
-    rank = int(os.environ.get("RANK", 0))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    if device_name == "auto":
-        device_name = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device_name)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return rank, world_size, device
-
-
-def print0(*args, **kwargs):
-    """print on rank 0 only."""
-    if int(os.environ.get("RANK", 0)) == 0:
-        print(*args, **kwargs, flush=True)
-
-
-def lr_at(step, max_steps, lr, warmup_steps, min_lr_ratio):
-    """Linear warm-up, then cosine decay to lr * min_lr_ratio (Table 4: cosine schedule)."""
-    if step < warmup_steps:
-        return lr * (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
-    return lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-def all_reduce_mean_(tensors, world_size):
-    """Average tensors (gradients, metrics) over ranks in place, as one flat buffer."""
-    if world_size == 1 or not tensors:
-        return
-    flat = torch.cat([t.reshape(-1) for t in tensors])  # (total,)
-    dist.all_reduce(flat)
-    flat /= world_size
-    offset = 0
-    for t in tensors:
-        t.copy_(flat[offset:offset + t.numel()].view_as(t))
-        offset += t.numel()
-
-
-def average_gradients(params, world_size):
-    """Data parallelism by hand: after backward on its own shard, each rank averages the gradients of the
-    trained parameters, so every rank takes the same optimiser step and the replicas stay identical."""
-    grads = []
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        grads.append(p.grad)
-    all_reduce_mean_(grads, world_size)
-
-
-def append_jsonl(path, record):
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def check_finite_update(loss, grad_norm, cfg, step=None):
-    """Stop before a step with a NaN or infinite loss or gradient is applied: one such step turns every
-    weight into NaN, and the next save would replace the last good checkpoint with it. The check runs
-    after the gradient all-reduce, so under torchrun every rank sees the same norm and stops together."""
-    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-        where = "this step" if step is None else f"step {step + 1}"
-        raise SystemExit(f"{where}: the loss ({loss}) or the gradient norm ({grad_norm}) is not finite; "
-                         f"stopped before applying it. The last good checkpoint is kept in "
-                         f"{os.path.join(cfg.out_dir, M.CHECKPOINT_DIR)}; lower --lr, or check the settings "
-                         f"(e.g. a NaN weight such as --beta)")
-
-
-def recover_run(out_dir):
-    """On start (rank 0): finish or roll back a checkpoint swap a killed run left half-done."""
-    if int(os.environ.get("RANK", 0)) == 0:
-        done = M.recover_checkpoint(os.path.join(out_dir, M.CHECKPOINT_DIR))
-        if done:
-            print0(f"{out_dir}: a save was interrupted; {done}")
-
-
-def trim_metrics(path, step):
-    """On --resume: keep the metrics rows up to the saved step (the rows after it are logged again) and
-    drop a torn last line (a power cut mid-write), rewriting the file atomically."""
-    if not os.path.exists(path):
-        return
-    rows = []
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            try:
-                row = json.loads(line)
-            except ValueError:
-                continue  # a torn line: what it held is logged again after the resume
-            if isinstance(row, dict) and row.get("step", 0) <= step:
-                rows.append(line if line.endswith("\n") else line + "\n")
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(rows)
-    os.replace(tmp, path)
-
-
-def rng_states(world_size, generator=None):
-    """Every rank's RNG states, torch's and the sampling generator's, in rank order (all ranks call this;
-    rank 0 saves the list): each rank draws its own numbers, so a resume that handed every rank rank 0's
-    state would differ from the uninterrupted run."""
-    mine = {"torch_rng": torch.get_rng_state()}
-    if generator is not None:
-        mine["generator"] = generator.get_state()
-    if world_size == 1:
-        return [mine]
-    states = [None] * world_size
-    dist.all_gather_object(states, mine)
-    return states
-
-
-def restore_rng_states(state, rank, world_size, generator=None):
-    """This rank's RNG states from a train_state (rng_states' list; older checkpoints hold rank 0's only)."""
-    per_rank = state.get("rng_per_rank") or [{"torch_rng": state["torch_rng"], "generator": state.get("generator")}]
-    if len(per_rank) != world_size:
-        print0(f"--resume: the checkpoint holds the RNG states of {len(per_rank)} ranks, this run has "
-               f"{world_size}; the random numbers will not repeat those of an uninterrupted run")
-    mine = per_rank[rank % len(per_rank)]
-    torch.set_rng_state(mine["torch_rng"])
-    if generator is not None and mine.get("generator") is not None:
-        generator.set_state(mine["generator"])
-
-
-def run_finished(extra):
-    """Whether the run that saved a checkpoint (its config.json `extra`) reached its max_steps.
-    Checkpoints from before the flag was recorded say it through their step and config."""
-    extra = extra or {}
-    if "finished" in extra:
-        return bool(extra["finished"])
-    return extra.get("step", 0) >= (extra.get("config") or {}).get("max_steps", 0)
-
-
-def load_train_state(out_dir):
-    """The optimiser / RNG / step state saved with the run's last checkpoint, or a clear error."""
-    path = os.path.join(out_dir, M.CHECKPOINT_DIR, "train_state.pt")
-    if not os.path.exists(path):
-        raise SystemExit(f"--resume: no {path}; start without --resume, or point --out_dir at a run "
-                         f"that saved a checkpoint")
-    # our own file, but still: weights_only keeps a tampered file from running code
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
-        raise SystemExit(f"--resume: {path} is not readable ({type(e).__name__}: {e}); it is empty or "
-                         f"damaged. Start without --resume, or restore the file") from None
-
-
-def pose_joints(body_model, p):
-    """SMPL joints of rot6d poses p (B, 144) -> (B, 24, 3), joints-only (no mesh)."""
-    R = M.pose_to_matrices(p)  # (B, 24, 3, 3)
-    return body_model(R[:, 1:], global_orient=R[:, 0], return_vertices=False).joints  # (B, 24, 3)
-
-
-def build_body_model(smpl_path, device):
-    """The official SMPL file when given, else the built-in skeleton (PoseWorld is made with it)."""
-    body = smpl.SMPL.from_file(smpl_path) if smpl_path else smpl.SMPL()
-    return body.to(device)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Data
+# The three stages
 
 
 def poseworld_texts(ds):
     """Every text the tiny tokenizer must cover: the conversation template, questions, answers."""
     texts = [data.build_prompt(q, has_image=False) for q in ds.questions[:64]]
     return texts + list(ds.questions) + list(ds.answers) + list(ds.captions)
-
-
-def build_datasets(cfg, split):
-    """PoseWorld, or a concatenation of the real data sets named in cfg.data (Sec. 4.1)."""
-    names = [n.strip() for n in cfg.data.split(",") if n.strip()]
-    sets = []
-    for name in names:
-        if name == "poseworld":
-            size = cfg.poseworld_size if split == "train" else None
-            sets.append(data.PoseWorld(split, size=size, seed=cfg.seed, image_size=cfg.image_size))
-        elif name == "posescript":
-            sets.append(data.PoseScript(cfg.posescript_root, cfg.amass_root, split=split))
-        elif name == "h36m":
-            sets.append(data.Human36M(cfg.h36m_npz, cfg.h36m_images, images=True))
-        elif name == "llava_instruct":
-            sets.append(data.LLaVAInstruct(cfg.llava_instruct_json, cfg.coco_images, images=True))
-        else:
-            raise SystemExit(f"unknown data set {name!r} in --data; choose from poseworld, posescript, "
-                             f"h36m, llava_instruct")
-    return sets[0] if len(sets) == 1 else torch.utils.data.ConcatDataset(sets)
-
-
-def collate_fn(tokenizer, policy, for_generation=False):
-    """data.collate with the encoders' input sizes and the number of image tokens of this policy."""
-    c = policy.config
-    return functools.partial(data.collate, tokenizer=tokenizer, n_image_tokens=policy.n_image_tokens,
-                             clip_size=c.clip_size, pose_size=c.pose_size, for_generation=for_generation)
-
-
-def to_device(batch, device):
-    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-
-
-# ----------------------------------------------------------------------------------------------------
-# The three stages
 
 
 def train_tokenizer(cfg, train_set):
@@ -398,7 +124,7 @@ def retriever_pairs(cfg, device):
     if "posescript" in cfg.data:
         ds = data.PoseScript(cfg.posescript_root, cfg.amass_root, split="train")
         pose = ds.poses[[ds.row[pid] for pid, _ in ds.items]]  # (n, 24, 3) axis-angle, one row per caption
-        body = build_body_model(cfg.smpl_path, "cpu")
+        body = smpl.build_body_model(cfg.smpl_path, "cpu")
         joints = body(pose[:, 1:], global_orient=pose[:, 0], return_vertices=False).joints  # (n, 24, 3)
         return data.body_frame_joints(joints), [caption for _, caption in ds.items]
     pairs = data.PoseWorld("train", size=cfg.retriever_pairs, seed=cfg.seed, image_size=cfg.image_size,
@@ -460,8 +186,8 @@ def sft_loss(policy, body_model, batch, cfg):
         p_gt = M.pose_to_rot6d(batch["pose"][rows])  # (n, 144) the GT pose as the head's rot6d numbers
         mu, log_std = out.pose.mu[rows], out.pose.log_std[rows]  # (n, 144) each
         nll = -hygrpo.gaussian_log_prob(p_gt, mu, log_std).mean()  # Eq. 2 likelihood of the GT pose
-        J_pred = pose_joints(body_model, mu)  # (n, 24, 3)
-        J_gt = pose_joints(body_model, p_gt)  # (n, 24, 3) the GT joints of the same body model
+        J_pred = smpl.pose_joints(mu, body_model)  # (n, 24, 3)
+        J_gt = smpl.pose_joints(p_gt, body_model)  # (n, 24, 3) the GT joints of the same body model
         joint = (J_pred - J_gt).norm(dim=-1).mean()  # mean per-joint error, metres
     else:
         nll, joint = zero, zero
@@ -510,7 +236,7 @@ def main(argv=None, cfg=None):
         dist.barrier()  # the checkpoint is whole before any rank reads it
     print0(f"train_sft.py on {world_size} x {device}\n" + json.dumps(dataclasses.asdict(cfg), indent=1))
 
-    train_set = build_datasets(cfg, "train")
+    train_set = data.build_datasets(cfg, "train")
     if cfg.resume:  # the run's own vocabulary
         tokenizer = M.Tokenizer.from_file(os.path.join(cfg.out_dir, M.CHECKPOINT_DIR, "tokenizer.json"))
     elif cfg.preset == "tiny":
@@ -524,7 +250,7 @@ def main(argv=None, cfg=None):
         print0("no text-pose captions in --data: no retrievers trained, so RFT's semantic reward (Eq. 8) needs "
                "--rewards=semantic:0 or retrievers from another SFT run in this --out_dir")
     policy = build_policy(cfg, tokenizer, device)
-    body_model = build_body_model(cfg.smpl_path, device)
+    body_model = smpl.build_body_model(cfg.smpl_path, device)
     params = [p for p in policy.parameters() if p.requires_grad]
     print0(f"policy: {sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M parameters, "
            f"{sum(p.numel() for p in params) / 1e6:.2f}M trained")
@@ -547,7 +273,7 @@ def main(argv=None, cfg=None):
         print0(f"resumed at step {step}")
 
     loader = iter(data.make_loader(train_set, cfg.batch_size, rank, world_size, seed=cfg.seed,
-                                   start_step=step, collate_fn=collate_fn(tokenizer, policy)))
+                                   start_step=step, collate_fn=data.collate_fn(tokenizer, policy)))
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
     metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
     bar = tqdm(total=cfg.max_steps, initial=step, desc="sft", disable=not master, dynamic_ncols=True)
@@ -558,7 +284,7 @@ def main(argv=None, cfg=None):
         lr = lr_at(step, cfg.max_steps, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio)
         for group in opt.param_groups:
             group["lr"] = lr
-        batch = to_device(next(loader), device)
+        batch = data.to_device(next(loader), device)
         with autocast:
             loss, parts = sft_loss(policy, body_model, batch, cfg)
         opt.zero_grad(set_to_none=True)

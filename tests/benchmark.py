@@ -175,6 +175,7 @@ def bench_rft(steps=10):
 
     import data
     import rewards
+    import smpl
     import train_rft
     import train_sft
 
@@ -189,13 +190,13 @@ def bench_rft(steps=10):
     policy, tokenizer = train_rft.load_policy(cfg, device)
     weights = rewards.parse_weights(cfg.rewards)
     ctx = train_rft.reward_context(cfg, weights, policy, tokenizer, device)
-    body = train_sft.build_body_model("", device)
+    body = smpl.build_body_model("", device)
     params = [p for p in policy.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr)
     train_set = data.PoseWorld("train", size=cfg.poseworld_size, seed=cfg.seed, image_size=cfg.image_size,
                                mix=train_rft.parse_task_mix(cfg.task_mix))  # the main job's RFT prompts
     loader = iter(data.make_loader(train_set, cfg.batch_size, seed=1,
-                                   collate_fn=train_sft.collate_fn(tokenizer, policy, True)))
+                                   collate_fn=data.collate_fn(tokenizer, policy, True)))
     generator = torch.Generator().manual_seed(0)
     rows = []
     for _ in range(steps + 1):  # the first step warms up and is not counted

@@ -11,8 +11,8 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
 import hygrpo  # noqa: E402
+import model  # noqa: E402
 import train_rft  # noqa: E402
-import train_sft  # noqa: E402
 
 
 def batch(w, rows):
@@ -37,13 +37,13 @@ def batch(w, rows):
 
 if __name__ == "__main__":
     out_dir = sys.argv[1]
-    rank, world_size, device = train_sft.setup_distributed("cpu")
+    rank, world_size, device = model.setup_distributed("cpu")
     w = torch.zeros(6, dtype=torch.float64, requires_grad=True)
     args = batch(w, range(4 * rank, 4 * rank + 4))
     N_norm, V_norm = train_rft.global_normalisers(len(args[-1]), int(args[-1].sum()), world_size, device)
     loss, _ = hygrpo.hygrpo_loss(*args, clip_eps=0.05, N_norm=N_norm, V_norm=V_norm)
     loss.backward()
-    train_sft.average_gradients([w], world_size)
+    model.average_gradients([w], world_size)
     if rank == 0:
         whole = torch.zeros(6, dtype=torch.float64, requires_grad=True)
         hygrpo.hygrpo_loss(*batch(whole, range(8)), clip_eps=0.05)[0].backward()

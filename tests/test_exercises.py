@@ -53,7 +53,7 @@ def _candidates(pose):
     """Candidates for t2p poses given as axis-angle (n, 24, 3) in the body frame."""
     import smpl
     n = pose.shape[0]
-    J = data.pose_joints(pose)
+    J = smpl.pose_joints(pose)
     return Candidates(task=["t2p"] * n, text=[data.POSE_ANSWER] * n, valid=torch.ones(n, dtype=torch.bool),
                       pose=smpl.axis_angle_to_matrix(pose), joints=J, gt_joints=J,
                       has_gt=torch.zeros(n, dtype=torch.bool), question=["q"] * n, caption=["c"] * n,

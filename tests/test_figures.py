@@ -191,14 +191,14 @@ def test_gallery_labels_rows_and_columns(tmp_path, monkeypatch):
     accepted, and a long caption cut without a mark."""
     world = data.PoseWorld("val", size=30, seed=0, cache_dir=None)
     monkeypatch.setattr(train_rft.data, "PoseWorld", lambda *a, **k: world)
-    monkeypatch.setattr(train_rft.train_sft, "collate_fn", lambda *a: (lambda samples: {}))
+    monkeypatch.setattr(train_rft.data, "collate_fn", lambda *a: (lambda samples: {}))
     monkeypatch.setattr(train_rft.M, "sample_policy", lambda *a, **k: types.SimpleNamespace(mu=None))
     calls = []
     real = data.render_poses
     monkeypatch.setattr(train_rft.data, "render_poses", lambda *a, **k: calls.append(k) or real(*a, **k))
     cfg = types.SimpleNamespace(seed=0, image_size=32, out_dir=str(tmp_path))
     gallery = train_rft.Gallery(cfg, None, None, None, "cpu", n=2)
-    monkeypatch.setattr(train_rft, "pose_joints", lambda body, mu: torch.stack([s["joints"] for s in gallery.samples]))
+    monkeypatch.setattr(train_rft.smpl, "pose_joints", lambda mu, body: torch.stack([s["joints"] for s in gallery.samples]))
     gallery.add(torch.nn.Linear(1, 1), 2)
     gallery.add(torch.nn.Linear(1, 1), 5)
     assert calls[-1]["titles"] == ["GT", "step 2", "step 5"] * 2

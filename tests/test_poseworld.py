@@ -36,7 +36,7 @@ def euler_pose(angles: dict) -> torch.Tensor:
 
 
 def joints_of(pose):
-    return data.pose_joints(pose)
+    return smpl.pose_joints(pose)
 
 
 # ---- determinism, splits, cache ------------------------------------------------------------------------
