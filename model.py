@@ -1,39 +1,47 @@
-"""The Pose-RFT model: a LLaVA-1.5 backbone written out in plain PyTorch, plus its pose-specific parts.
+"""The Pose-RFT model: the policy pi_theta(a, p | q) of Sec. 3.1, built on LLaVA-1.5 written out in plain PyTorch.
 
 Pose-RFT builds on LLaVA-1.5-7B (Sec. 4.1, "Implementation Details"): a CLIP ViT-L/14-336 image encoder
-f_a, a 2-layer GELU projector that maps its features v_a into the word-embedding space of a Vicuna-7B
-(Llama-2) decoder, and that decoder. This file holds, in reading order:
+f_a, a 2-layer GELU projector W_a into the word-embedding space of a Vicuna-7B (Llama-2) decoder, and that
+decoder; to which it adds a pose-aware encoder f_b with its projector W_b and a Gaussian pose head. This
+file reads top-down in the paper's order:
 
-1. configs      `LlamaConfig`, `CLIPVisionConfig`, `LlavaConfig`: the fields of a llava-hf `config.json`,
-                with the defaults transformers uses for the fields a file leaves out;
-2. Llama        RMSNorm, rotary embeddings (Hugging Face's half-split layout), grouped-query attention
-                with a preallocated KV cache, SwiGLU MLP, untied lm_head;
-3. CLIP ViT     the vision tower as LLaVA uses it (features of the second-to-last layer) and the projector;
-4. `Llava`      image features written into the image-token slots of the prompt, `forward` for training
-                and scoring, `generate` for batched sampling (what the RFT loop spends its time in);
-5. loading      `load_llava` for llava-hf safetensors checkpoints (hub and transformers layouts);
-6. `Tokenizer`  the Llama byte-fallback BPE of llava-hf's `tokenizer.json`, and a small BPE trainer for
-                the tiny preset (same file format);
-7. LoRA         `LoRALinear`, `apply_lora`, `merge_lora`, `lora_disabled`: RFT trains the adapters and
-                uses the same weights with the adapters off as its reference policy.
-
-Then the pose-specific parts of Pose-RFT (Sec. 3.1, Appendix A):
-
-8. pose ViT     `PoseViT`, the pose-aware encoder f_b (HMR2.0's ViT-H backbone, ViTPose layout), and
-                `load_pose_encoder` for HMR2.0's Lightning checkpoint, read without running pickled code;
-9. pose head    `GaussianPoseHead` and `PoseGaussian`: the continuous policy pi(p | q, a) of Eq. 2, a
+The policy (Sec. 3.1, Appendix A)
+1. `PoseLLaVA`  the whole policy pi(a, p | q) of Eq. 1: CLIP tokens W_a v_a and pose-ViT tokens W_b v_b
+                fused at the token level (Eq. 11, `PoseLLaVA.project`), the `<POSE>` rows, LoRA, and the
+                reference policy pi_ref;
+2. pose head    `GaussianPoseHead` and `PoseGaussian`: the continuous policy pi(p | q, a) of Eq. 2, a
                 diagonal Gaussian over 24 x rot6d read at the `<POSE>` token;
-10. `PoseLLaVA` the whole policy pi(a, p | q) of Eq. 1: CLIP tokens W_a v_a and pose-ViT tokens W_b v_b
-                fused at the token level (Eq. 11), the `<POSE>` rows, LoRA, presets `tiny` / `llava-1.5-7b`,
-                and the reference policy pi_ref;
-11. RFT         `sample_policy` (G candidates per prompt, Algorithm 1 line 6) and `policy_logprobs`, the
-                teacher-forced scores the HyGRPO loss needs;
-12. checkpoints `save_checkpoint` / `load_checkpoint`: safetensors + JSON, only what was trained.
+3. RFT          `sample_policy` (G candidates per prompt, Algorithm 1 line 6), `policy_logprobs` (the
+                teacher-forced scores the HyGRPO loss needs), `answer_texts`;
+4. config       `PoseLLaVAConfig`, the presets `tiny` / `llava-1.5-7b`, the trainable `<POSE>` rows.
+
+What it is built from (in the order of the forward pass)
+5. Llama        RMSNorm, rotary embeddings (Hugging Face's half-split layout), grouped-query attention
+                with a preallocated KV cache, SwiGLU MLP, untied lm_head;
+6. CLIP ViT     the vision tower as LLaVA uses it (features of the second-to-last layer) and the projector;
+7. `Llava`      image features written into the image-token slots of the prompt, `forward` for training
+                and scoring, `generate` for batched sampling (what the RFT loop spends its time in);
+8. LoRA         `LoRALinear`, `apply_lora`, `merge_lora`, `lora_disabled`: RFT trains the adapters;
+9. pose ViT     `PoseViT`, the pose-aware encoder f_b (HMR2.0's ViT-H backbone, ViTPose layout).
+
+File formats: not in the paper
+10-11.          llava-hf's config.json (`LlamaConfig`, `CLIPVisionConfig`, `LlavaConfig`) and safetensors
+                (`load_llava`, hub and transformers layouts);
+12. `Tokenizer` the Llama byte-fallback BPE of llava-hf's `tokenizer.json`, and a small BPE trainer for
+                the tiny preset (same file format);
+13.             `load_pose_encoder` for HMR2.0's Lightning checkpoint, read without running pickled code;
+14. checkpoints `save_checkpoint` / `load_checkpoint`: safetensors + JSON, only what was trained.
+
+Run plumbing: not in the paper (shared by train_sft.py, train_rft.py and eval.py): `--key=value`
+overrides and config checks, torchrun setup, print0, the learning-rate schedule, gradient averaging,
+metrics.jsonl and the --resume state.
 
 Module and parameter names follow Hugging Face (`language_model.model.layers.0.self_attn.q_proj`, ...), so
 our `state_dict()` is exactly what transformers' `save_pretrained` writes for LLaVA, loading any other
 layout is a prefix rename, and LoRA can wrap the attention's `nn.Linear` children by name.
 """
+from __future__ import annotations
+
 import contextlib
 import heapq
 import json
@@ -60,159 +68,768 @@ from torch.utils.checkpoint import checkpoint
 import hygrpo
 import smpl
 
+# ====================================================================================================
+# The Pose-RFT policy (Sec. 3.1, Appendix A; Algorithm 1, line 6)
 # ----------------------------------------------------------------------------------------------------
-# 1. Configs
+# 1. PoseLLaVA: the policy pi_theta(a, p | q) = pi_theta(a | q) pi_theta(p | q, a) of Eq. 1
 
-
-def _known_fields(cls, d):
-    """The entries of the dict `d` that are fields of the dataclass `cls` (the rest is bookkeeping such as
-    `architectures`, `torch_dtype` or initialisation settings, which do not change the network)."""
-    names = {f.name for f in fields(cls)}
-    return {k: v for k, v in d.items() if k in names}
+IMAGE_TOKEN = "<image>"  # the same strings as data.IMAGE_TOKEN / data.POSE_TOKEN
+POSE_TOKEN = "<POSE>"
+PRESETS = ("tiny", "llava-1.5-7b")
 
 
 @dataclass
-class LlamaConfig:
-    """The Llama decoder. Defaults are transformers' `LlamaConfig` defaults (Llama-2-7B sizes); note that
-    llava-1.5's Vicuna uses rms_norm_eps=1e-5 and a vocabulary of 32064, both set in its config.json."""
-    vocab_size: int = 32000
-    hidden_size: int = 4096                # d, the width of the residual stream
-    intermediate_size: int = 11008         # SwiGLU hidden width
-    num_hidden_layers: int = 32
-    num_attention_heads: int = 32
-    num_key_value_heads: int | None = None  # None: one key/value head per query head (no GQA)
-    head_dim: int | None = None            # None: hidden_size // num_attention_heads
-    max_position_embeddings: int = 2048    # the context the model was trained for; not enforced
-    rms_norm_eps: float = 1e-6
-    rope_theta: float = 10000.0
-    attention_bias: bool = False
-    mlp_bias: bool = False
-    bos_token_id: int | None = 1
-    eos_token_id: int | None = 2
-    pad_token_id: int | None = None
-
-    def __post_init__(self):
-        if self.num_key_value_heads is None:
-            self.num_key_value_heads = self.num_attention_heads
-        if self.head_dim is None:
-            self.head_dim = self.hidden_size // self.num_attention_heads
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(f"num_attention_heads={self.num_attention_heads} must be a multiple of "
-                             f"num_key_value_heads={self.num_key_value_heads}")
-
-    @classmethod
-    def from_dict(cls, d):
-        """Read a transformers `text_config` dict (old `rope_theta` or new `rope_parameters` spelling)."""
-        rope = d.get("rope_parameters") or {}
-        if d.get("rope_scaling") or rope.get("rope_type", "default") != "default":
-            raise ValueError(f"text_config asks for RoPE scaling ({d.get('rope_scaling') or rope}); "
-                             "only plain RoPE (LLaVA-1.5's) is implemented")
-        if d.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"text_config hidden_act={d['hidden_act']!r}; Llama's SwiGLU needs 'silu'")
-        if d.get("tie_word_embeddings", False):
-            raise ValueError("text_config ties lm_head to embed_tokens; LLaVA-1.5 keeps them separate")
-        kwargs = _known_fields(cls, d)
-        kwargs["rope_theta"] = float(rope.get("rope_theta", d.get("rope_theta", cls.rope_theta)))
-        return cls(**kwargs)
-
-    def to_dict(self):
-        """A `text_config` dict that this class and transformers both read back to the same network."""
-        d = asdict(self)
-        d["rope_parameters"] = {"rope_type": "default", "rope_theta": d.pop("rope_theta")}
-        return {"model_type": "llama", "hidden_act": "silu", "tie_word_embeddings": False, **d}
+class PoseLLaVAOutput:
+    logits: torch.Tensor          # (B, T, V): logits[:, t] scores the token at t + 1
+    hidden_states: torch.Tensor   # (B, T, d): last layer, after the final norm
+    pose: PoseGaussian            # (B, 144) mu and log_std at each row's <POSE>; meaningless where not found
+    found: torch.Tensor           # (B,) bool: the row has a <POSE> (in its answer, if answer_mask was given)
+    pose_position: torch.Tensor   # (B,) long: the column of that first <POSE> (0 where none)
 
 
-@dataclass
-class CLIPVisionConfig:
-    """The CLIP ViT. Defaults are transformers' `CLIPVisionConfig` defaults (ViT-B/32); LLaVA-1.5 uses
-    ViT-L/14 at 336 px (see `LlavaConfig.vision_config`)."""
-    hidden_size: int = 768
-    intermediate_size: int = 3072
-    num_hidden_layers: int = 12
-    num_attention_heads: int = 12
-    num_channels: int = 3
-    image_size: int = 224
-    patch_size: int = 32
-    layer_norm_eps: float = 1e-5
-
-    @classmethod
-    def from_dict(cls, d):
-        """Read a transformers `vision_config` dict."""
-        if d.get("hidden_act", "quick_gelu") != "quick_gelu":
-            raise ValueError(f"vision_config hidden_act={d['hidden_act']!r}; CLIP uses 'quick_gelu'")
-        for key in ("image_size", "patch_size"):
-            if isinstance(d.get(key), (list, tuple)):
-                raise ValueError(f"vision_config {key}={d[key]}: only square images and patches are supported")
-        return cls(**_known_fields(cls, d))
-
-    def to_dict(self):
-        return {"model_type": "clip_vision_model", "hidden_act": "quick_gelu", **asdict(self)}
+def _requires_grad(module):
+    return any(p.requires_grad for p in module.parameters())
 
 
-def _clip_vit_l14_336():
-    """LLaVA-1.5's vision tower, what transformers' LlavaConfig builds when `vision_config` is absent."""
-    return CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
-                            num_attention_heads=16, image_size=336, patch_size=14)
+class PoseLLaVA(nn.Module):
+    """The pose-specific MLLM of Sec. 3.1: pi_theta(a, p | q) = pi_theta(a | q) pi_theta(p | q, a) (Eq. 1;
+    Eq. 12 writes the same as pi_d(a | q) pi_c(p | q, a)).
 
+    The state: each image enters the prompt as L_a CLIP tokens W_a f_a(x) followed by L_b pose tokens
+    W_b f_b(x) (Appendix A, Eq. 11), in the slots of its L_a + L_b `<image>` tokens. The discrete policy
+    pi(a | q) is the LLM's next-token distribution; the continuous policy pi(p | q, a) is the Gaussian pose
+    head on the last hidden state at the `<POSE>` token of the answer a (computed with `<POSE>` as the input
+    token, as Llava.generate captures it).
 
-@dataclass
-class LlavaConfig:
-    """LLaVA-1.5: a CLIP vision tower, a 2-layer GELU projector and a Llama decoder.
-
-    Defaults are transformers' `LlavaConfig` defaults. As in transformers, a missing `vision_config` gives
-    CLIP ViT-L/14-336 but a `vision_config` dict with missing fields fills them with plain CLIP defaults,
-    and a missing `text_config` (or field of it) takes the Llama defaults. The hub's llava-1.5-7b-hf
-    config.json names the fields that differ, so it reads as the real 7B model.
+    Parts: `llava` (f_a = llava.vision_tower, W_a = llava.multi_modal_projector, the Llama decoder with LoRA
+    on its attention and the `<POSE>` rows spliced into embed_tokens / lm_head), `pose_encoder` (f_b),
+    `pose_projector` (W_b), `pose_head`. Pass `llava` / `pose_encoder` to use loaded (pretrained) ones;
+    otherwise they are built from the config with random weights (the tiny preset). The trained tensors
+    are kept in float32 whatever the dtype of the frozen base: AdamW steps of lr 1e-6 (Table 4) on bf16
+    weights would round to nothing.
     """
-    text_config: LlamaConfig = field(default_factory=LlamaConfig)
-    vision_config: CLIPVisionConfig = field(default_factory=_clip_vit_l14_336)
-    image_token_index: int = 32000           # the `<image>` token; each one is replaced by one visual feature
-    vision_feature_layer: int = -2           # second-to-last CLIP layer (LLaVA-1.5, Sec. 4.1 backbone)
-    vision_feature_select_strategy: str = "default"  # 'default': drop the class token; 'full': keep it
-    multimodal_projector_bias: bool = True
-    pad_token_id: int | None = None          # the hub checkpoint uses 32001; generate() pads with it
 
-    def __post_init__(self):
-        if self.vision_feature_select_strategy not in ("default", "full"):
-            raise ValueError(f"vision_feature_select_strategy={self.vision_feature_select_strategy!r}; "
-                             "expected 'default' or 'full'")
-        if not isinstance(self.vision_feature_layer, int):
-            raise ValueError(f"vision_feature_layer={self.vision_feature_layer!r}: only a single layer index "
-                             "is supported (LLaVA-1.5 uses -2)")
+    def __init__(self, config, llava=None, pose_encoder=None):
+        super().__init__()
+        self.config = config
+        for name, given, want in (("llava", llava, config.llava), ("pose_encoder", pose_encoder, config.pose_vit)):
+            if given is not None and given.config.to_dict() != want.to_dict():
+                raise ValueError(f"the given {name} was built from another config than PoseLLaVAConfig.{name}: "
+                                 + "; ".join(_config_differences(given.config.to_dict(), want.to_dict())))
+        self.llava = llava if llava is not None else Llava(config.llava)
+        self.pose_encoder = pose_encoder if pose_encoder is not None else PoseViT(config.pose_vit)  # f_b
+        device = self.llava.language_model.lm_head.weight.device
+        d, d_b = config.llava.text_config.hidden_size, config.pose_vit.hidden_size
+        # Eq. 11. W_a is LLaVA-1.5's pretrained 2-layer GELU projector (llava.multi_modal_projector): the
+        # paper writes W_a as a linear map, but replacing LLaVA's trained MLP by a fresh linear layer would
+        # throw away its CLIP-to-language alignment, which the paper builds on (Sec. 3.1). W_b is new:
+        # HMR2.0's features have never been aligned to the LLM.
+        self.pose_projector = nn.Linear(d_b, d, device=device)  # W_b
+        with torch.no_grad():
+            nn.init.normal_(self.pose_projector.weight, std=0.02)
+            nn.init.zeros_(self.pose_projector.bias)
+        self.pose_head = GaussianPoseHead(d, config.head_hidden, config.log_std_min, config.log_std_max,
+                                          config.log_std_init, config.deterministic, device=device)
+        self._splice_pose_token()
+        apply_lora(self.llava.language_model, config.lora_targets, config.lora_r, config.lora_alpha,
+                   config.lora_dropout)
+        trained = set(self.trained_names("rft"))
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                if name in trained:
+                    p.data = p.data.float()
+        self._reference = None  # name -> frozen copy, set by freeze_reference()
+        self.set_trainable("sft")
+
+    @classmethod
+    def from_preset(cls, name="tiny", tokenizer=None, device="cpu", dtype=torch.float32, **overrides):
+        """build_pose_llava(PoseLLaVAConfig.from_preset(name, tokenizer, **overrides), device, dtype)."""
+        return build_pose_llava(PoseLLaVAConfig.from_preset(name, tokenizer, **overrides), device, dtype)
+
+    def _splice_pose_token(self):
+        """Give `<POSE>` its own trainable rows in embed_tokens and lm_head, growing both tables first when
+        the tokenizer's id lies beyond them."""
+        lm, pose_id = self.llava.language_model, self.config.pose_token_id
+        embed, head = lm.model.embed_tokens, lm.lm_head
+        if pose_id >= embed.num_embeddings:
+            embed, head = _grow_vocabulary(embed, head, pose_id + 1)
+        lm.model.embed_tokens = EmbeddingWithNewToken(embed, pose_id)
+        lm.lm_head = LMHeadWithNewToken(head, pose_id)
 
     @property
-    def num_image_tokens(self):
-        """Visual features per image, hence `<image>` tokens per image in a prompt: 576 for 336 px, patch 14."""
-        v = self.vision_config
-        n_patches = (v.image_size // v.patch_size) ** 2
-        return n_patches + (1 if self.vision_feature_select_strategy == "full" else 0)
+    def n_image_tokens(self):
+        return self.config.n_image_tokens
 
-    @classmethod
-    def from_dict(cls, d):
-        """Read a llava-hf `config.json` (already parsed)."""
-        if d.get("projector_hidden_act", "gelu") != "gelu":
-            raise ValueError(f"projector_hidden_act={d['projector_hidden_act']!r}; LLaVA-1.5 uses 'gelu'")
-        if d.get("tie_word_embeddings", False):
-            raise ValueError("config ties lm_head to embed_tokens; LLaVA-1.5 keeps them separate")
-        kwargs = _known_fields(cls, d)
-        kwargs["text_config"] = LlamaConfig.from_dict(d.get("text_config") or {})
-        if d.get("vision_config") is not None:
-            kwargs["vision_config"] = CLIPVisionConfig.from_dict(d["vision_config"])
-        else:
-            kwargs.pop("vision_config", None)
-        return cls(**kwargs)
+    # --- the state: token-level fusion of the two encoders (Appendix A, Eq. 11)
 
-    def to_dict(self):
-        """A llava-hf style `config.json` dict (readable by `from_dict` and by transformers)."""
-        d = {f.name: getattr(self, f.name) for f in fields(self)}
-        d["text_config"] = self.text_config.to_dict()
-        d["vision_config"] = self.vision_config.to_dict()
-        return {"model_type": "llava", "architectures": ["LlavaForConditionalGeneration"],
-                "projector_hidden_act": "gelu", "tie_word_embeddings": False, **d}
+    def encode_images(self, clip_pixels, pose_pixels):
+        """v_a = f_a(x) (CLIP, LLaVA's feature layer) and v_b = f_b(x) (pose ViT) of the same n images,
+        each preprocessed for its encoder (data.clip_preprocess / data.pose_vit_preprocess).
+        -> v_a (n, L_a, d_a), v_b (n, L_b, d_b). A frozen encoder runs without building a graph."""
+        if pose_pixels is None or clip_pixels.shape[0] != pose_pixels.shape[0]:
+            shape = None if pose_pixels is None else tuple(pose_pixels.shape)
+            raise ValueError(f"clip_pixels {tuple(clip_pixels.shape)} and pose_pixels {shape} must hold the same "
+                             "images, each preprocessed for its encoder")
+        grad = torch.is_grad_enabled()
+        with torch.set_grad_enabled(grad and _requires_grad(self.llava.vision_tower)):
+            v_a = self.llava.vision_features(clip_pixels)  # (n, L_a, d_a)
+        with torch.set_grad_enabled(grad and _requires_grad(self.pose_encoder)):
+            v_b = self.pose_encoder(pose_pixels)  # (n, L_b, d_b)
+        return v_a, v_b
+
+    def project(self, v_a, v_b):
+        """Eq. 11 and the token-level fusion: cat([W_a v_a, W_b v_b], dim=1) -> (n, L_a + L_b, d).
+
+        UniPose instead concatenates v_a and v_b along the channels and applies one projection
+        W in R^{(d_a + d_b) x d}. That pairs CLIP's patch i with the pose ViT's patch i, but the two
+        encoders see different crops and resolutions (CLIP a 336 x 336 square, HMR2.0 the central 256 x 192
+        of its crop), so the pairs do not cover the same pixels. Projecting each sequence on its own and
+        giving the LLM both as separate tokens avoids that misalignment and keeps each encoder's
+        representation intact (Appendix A).
+        """
+        W_a, W_b = self.llava.multi_modal_projector, self.pose_projector
+        v_a_proj = W_a(v_a.to(W_a.linear_1.weight.dtype))  # (n, L_a, d) v'_a
+        v_b_proj = W_b(v_b.to(W_b.weight.dtype))  # (n, L_b, d) v'_b
+        return torch.cat([v_a_proj, v_b_proj], dim=1)  # (n, L_a + L_b, d)
+
+    def visual_tokens(self, clip_pixels, pose_pixels):
+        """The visual tokens of n images, (n, L_a + L_b, d): what fills their `<image>` slots."""
+        return self.project(*self.encode_images(clip_pixels, pose_pixels))  # (n, L_a + L_b, d)
+
+    def embed(self, input_ids, visual=None):
+        """Word embeddings of input_ids (B, T) with the `<image>` slots filled by `visual` (n, L_a + L_b, d),
+        in reading order. -> (B, T, d)"""
+        n_slots = int((input_ids == self.config.llava.image_token_index).sum())
+        n_images = 0 if visual is None else visual.shape[0]
+        if n_slots != n_images * self.n_image_tokens:
+            raise ValueError(f"the prompts hold {n_slots} image tokens for {n_images} images; each image needs "
+                             f"{self.n_image_tokens} = {self.config.llava.num_image_tokens} CLIP + "
+                             f"{self.config.pose_vit.num_tokens} pose tokens (collate with n_image_tokens="
+                             f"{self.n_image_tokens})")
+        return self.llava.embed(input_ids, visual)  # (B, T, d)
+
+    # --- the policy
+
+    def pose_positions(self, input_ids, answer_mask=None):
+        """The column of each row's first `<POSE>` (within answer_mask, if given) and whether there is one.
+        input_ids (B, T) -> position (B,) long, 0 where none; found (B,) bool."""
+        is_pose = input_ids == self.config.pose_token_id  # (B, T)
+        if answer_mask is not None:
+            is_pose = is_pose & answer_mask.bool()
+        return is_pose.int().argmax(-1), is_pose.any(-1)  # (B,), (B,) argmax: the first maximum
+
+    def forward(self, input_ids, attention_mask=None, clip_pixels=None, pose_pixels=None, answer_mask=None):
+        """Teacher-forced pass (SFT, evaluation): logits of every position and the pose Gaussian at the
+        first `<POSE>` of each row.
+
+        input_ids (B, T) with n * (L_a + L_b) image tokens, attention_mask (B, T) (1 = real token),
+        clip_pixels (n, 3, S, S) and pose_pixels (n, 3, H, W) for the n images in reading order (None when
+        no row has an image); answer_mask (B, T) bool marks the answer tokens (SFT: labels != -100), so a
+        `<POSE>` written in a prompt is not read. Returns a PoseLLaVAOutput.
+        """
+        visual = None
+        if clip_pixels is not None and clip_pixels.shape[0] > 0:
+            visual = self.visual_tokens(clip_pixels, pose_pixels)  # (n, L_a + L_b, d)
+        x = self.embed(input_ids, visual)  # (B, T, d)
+        out = self.llava(inputs_embeds=x, attention_mask=attention_mask)
+        position, found = self.pose_positions(input_ids, answer_mask)  # (B,), (B,)
+        rows = torch.arange(input_ids.shape[0], device=input_ids.device)  # (B,)
+        h_pose = out.hidden_states[rows, position]  # (B, d)
+        return PoseLLaVAOutput(logits=out.logits, hidden_states=out.hidden_states, pose=self.pose_head(h_pose),
+                               found=found, pose_position=position)
+
+    # --- what trains in each stage
+
+    def trained_names(self, stage):
+        """Names of the parameters trained in `stage` ("sft" or "rft"), following Sec. 4.1.
+
+        llava-1.5-7b, both stages: LoRA adapters, W_a, W_b, the pose head and the two `<POSE>` rows; the
+        encoders f_a, f_b and the LLM's own weights stay frozen.
+        tiny SFT: everything (no pretrained weights exist) except the LoRA adapters, which would only
+        duplicate the full weights; they stay at B = 0, so the SFT model is the plain network.
+        tiny RFT: the same small set as 7B. The whole tiny model could train, but the paper's setting
+        (adapters + heads on a frozen LLM) is what the tiny run is a miniature of, and it keeps the
+        reference policy a copy of a few small tensors.
+        """
+        if stage not in ("sft", "rft"):
+            raise ValueError(f"stage={stage!r}; expected 'sft' or 'rft'")
+        names = [n for n, _ in self.named_parameters()]
+        is_lora = [n.endswith((".lora_A", ".lora_B")) for n in names]
+        if self.config.preset == "tiny" and stage == "sft":
+            return [n for n, lora in zip(names, is_lora) if not lora]
+        heads = ("llava.multi_modal_projector.", "pose_projector.", "pose_head.")
+        return [n for n, lora in zip(names, is_lora) if lora or n.startswith(heads) or n.endswith(".new_row")]
+
+    def set_trainable(self, stage):
+        """requires_grad on exactly the parameters of trained_names(stage); returns how many numbers train."""
+        trained = set(self.trained_names(stage))
+        for name, p in self.named_parameters():
+            p.requires_grad_(name in trained)
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    # --- the reference policy pi_ref
+
+    @torch.no_grad()
+    def freeze_reference(self):
+        """Copy the RFT-trained tensors (trained_names("rft"): LoRA adapters, W_a, W_b, pose head, <POSE>
+        rows) as pi_ref = pi_init (Algorithm 1, line 3). Call it at the start of RFT, after moving the
+        model to its device. Only these few tensors are copied, never the 7B base."""
+        self._reference = {n: p.detach().clone() for n, p in self.named_parameters()
+                           if n in set(self.trained_names("rft"))}
+
+    @contextlib.contextmanager
+    def reference(self):
+        """Inside this block the model IS the reference policy pi_ref: the frozen base with the copies
+        taken by freeze_reference() in place of the trained tensors.
+
+        pi_ref is sometimes described as "LoRA adapters off plus a frozen copy of the small heads". With the
+        fresh adapters (B = 0) RFT starts from in the tiny preset, a copy of the adapters IS "off". When SFT
+        already trained the adapters (the 7B preset trains LoRA in both stages), switching them off would
+        make pi_ref the base LLaVA instead of the SFT model, and merging them into bf16 weights would round
+        much of them away; a copy of them keeps pi_ref = the SFT model exactly. The swap replaces the
+        Parameter objects (no in-place writes), so graphs built outside the block stay valid.
+        """
+        if self._reference is None:
+            raise ValueError("no reference policy yet: call freeze_reference() at the start of RFT")
+        outside = [n for n, p in self.named_parameters() if p.requires_grad and n not in self._reference]
+        if outside:
+            raise ValueError("parameters outside the reference copy are being trained, so pi_ref would drift "
+                             "with them: " + _name_keys("names", outside) + " (use set_trainable('rft'))")
+        swapped = []
+        try:
+            for name, frozen in self._reference.items():
+                module_name, _, attr = name.rpartition(".")
+                module = self.get_submodule(module_name)
+                live = module._parameters[attr]
+                swapped.append((module, attr, live))
+                module._parameters[attr] = nn.Parameter(frozen.to(live.device), requires_grad=False)
+            yield self
+        finally:
+            for module, attr, live in reversed(swapped):
+                module._parameters[attr] = live
+
+
+def build_pose_llava(config, device="cpu", dtype=torch.float32):
+    """The PoseLLaVA of a config.
+
+    tiny: random weights, float32, trained from scratch. llava-1.5-7b: on device="meta" a weightless model
+    for shape and size checks; otherwise LLaVA-1.5-7B from config.llava_path (load_llava) and HMR2.0's
+    backbone from config.pose_encoder_path, both in `dtype`, plus the new parts (W_b, pose head, <POSE> rows,
+    LoRA) in float32. The SMPL file (config.smpl_path) is for the rewards and losses, not read here.
+    """
+    if config.preset == "tiny" or str(device) == "meta":
+        with torch.device(device):
+            return PoseLLaVA(config)
+    missing = [name for name in ("llava_path", "pose_encoder_path") if getattr(config, name) is None]
+    if missing:
+        raise ValueError(f"the {config.preset} preset loads pretrained weights; set {missing} (llava_path: a "
+                         f"llava-hf/llava-1.5-7b-hf folder; pose_encoder_path: HMR2.0's checkpoint). {_HMR2_HINT}")
+    differences = _config_differences(read_llava_config(config.llava_path).to_dict(), config.llava.to_dict())
+    if differences:  # before reading gigabytes of weights
+        raise ValueError(f"{config.llava_path} holds another LLaVA than this config describes (file vs config): "
+                         + "; ".join(differences))
+    llava = load_llava(config.llava_path, dtype, device)
+    f_b = load_pose_encoder(config.pose_encoder_path, config.pose_vit, dtype, device)
+    return PoseLLaVA(config, llava=llava, pose_encoder=f_b)
 
 
 # ----------------------------------------------------------------------------------------------------
-# 2. The Llama decoder
+# 2. The Gaussian pose head: the continuous policy pi_theta(p | q, a) of Eq. 2
+#
+# The pose action p is 24 joint rotations (SMPL: global orient + 23 body joints) in the 6-D representation
+# of Zhou et al. (the first two columns of each rotation matrix, column 0 then column 1; smpl.py), so
+# D = 24 x 6 = 144 numbers. Any 6 numbers map to a proper rotation by Gram-Schmidt, so a Gaussian over
+# them is a valid policy over poses.
+#
+# The covariance is DIAGONAL (one log-std per dimension), not Eq. 2's full Sigma_theta: a full covariance
+# over 144 dimensions would need 144 * 145 / 2 = 10440 outputs and a Cholesky factor per sample, while
+# what the paper's policy needs, sampling, log-densities for the ratio r_c and an entropy, are O(D) sums
+# over independent dimensions (as in continuous PPO policies). Correlations between joints are then
+# carried only by the mean (hygrpo.py, departure 6).
+
+POSE_DIM = smpl.NUM_JOINTS * 6  # D = 144
+
+
+def pose_to_matrices(p):
+    """rot6d pose (B, 144) -> rotation matrices (B, 24, 3, 3), by Gram-Schmidt (smpl.rot6d_to_matrix)."""
+    return smpl.rot6d_to_matrix(p.reshape(*p.shape[:-1], smpl.NUM_JOINTS, 6))  # (B, 24, 3, 3)
+
+
+def pose_to_rot6d(axis_angle):
+    """An SMPL pose in axis-angle (B, 24, 3), as data.py gives it -> the head's rot6d layout (B, 144):
+    joint-major, each joint's column 0 then column 1. The SFT target of the pose head."""
+    R = smpl.axis_angle_to_matrix(axis_angle)  # (B, 24, 3, 3)
+    return smpl.matrix_to_rot6d(R).flatten(-2)  # (B, 144)
+
+
+@dataclass
+class PoseGaussian:
+    """pi_theta(p | q, a) = N(p; mu, diag(exp(log_std)^2)) for a batch of B states (Eq. 2, diagonal)."""
+    mu: torch.Tensor       # (B, 144) rot6d mean
+    log_std: torch.Tensor  # (B, 144)
+
+    def sample(self, generator=None):
+        """p = mu + std * eps, eps ~ N(0, I). -> (B, 144)"""
+        eps = torch.randn(self.mu.shape, generator=generator, device=self.mu.device, dtype=self.mu.dtype)  # (B, 144)
+        return self.mu + torch.exp(self.log_std) * eps  # (B, 144)
+
+    def log_prob(self, p):
+        """log pi_theta(p | q, a), summed over the 144 dimensions. p (B, 144) -> (B,)"""
+        return hygrpo.gaussian_log_prob(p, self.mu, self.log_std)  # (B,)
+
+    def entropy(self):
+        """Closed-form entropy of the diagonal Gaussian. -> (B,)"""
+        return hygrpo.gaussian_entropy(self.log_std)  # (B,)
+
+
+class GaussianPoseHead(nn.Module):
+    """The continuous pose head of Eq. 2: an MLP on the last-layer hidden state at the `<POSE>` token
+    -> (mu, log_std) over 24 x rot6d.
+
+    Initialisation: the mean layer has zero weights and the identity rotation [1,0,0, 0,1,0] per joint
+    as its bias, so the untrained head predicts the rest pose for every input (its first update moves
+    only that layer, like LoRA's zero B). log_std = log_std_min + (log_std_max - log_std_min) *
+    sigmoid(raw): smooth and bounded. The default range [-5, 0]: rot6d entries lie in [-1, 1], so a std
+    above 1 (log_std 0) spreads samples over every rotation and says nothing; the floor std = e^-5 ~ 0.007
+    keeps the ratio r_c = pi_theta / pi_old finite when a sample sits many stds from a shifted mean, and
+    keeps some exploration alive in RFT. The raw output starts at log_std = log_std_init.
+
+    deterministic=True is the "Baseline" row of Table 3 (no distributional modelling): the head predicts
+    the mean only and log_std is the constant log_std_init. Its negative log-likelihood is then a scaled
+    MSE, 0.5 * |p - mu|^2 / sigma^2 + const, and sampling (if RFT is run on it) explores with that
+    fixed std.
+    """
+
+    def __init__(self, d, hidden, log_std_min=-5.0, log_std_max=0.0, log_std_init=-1.0, deterministic=False,
+                 device=None):
+        super().__init__()
+        if not log_std_min < log_std_init < log_std_max:
+            raise ValueError(f"need log_std_min < log_std_init < log_std_max, got {log_std_min}, "
+                             f"{log_std_init}, {log_std_max}")
+        self.log_std_min, self.log_std_max, self.log_std_init = log_std_min, log_std_max, log_std_init
+        self.deterministic = deterministic
+        self.fc1 = nn.Linear(d, hidden, device=device)
+        self.fc2 = nn.Linear(hidden, hidden, device=device)
+        self.to_mu = nn.Linear(hidden, POSE_DIM, device=device)
+        self.to_log_std = None if deterministic else nn.Linear(hidden, POSE_DIM, device=device)
+        with torch.no_grad():
+            for layer in (self.fc1, self.fc2):
+                nn.init.normal_(layer.weight, std=0.02)
+                nn.init.zeros_(layer.bias)
+            identity = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 0.0], device=device)  # (6,) rot6d of I
+            nn.init.zeros_(self.to_mu.weight)
+            self.to_mu.bias.copy_(identity.repeat(smpl.NUM_JOINTS))  # (144,)
+            if self.to_log_std is not None:
+                fraction = (log_std_init - log_std_min) / (log_std_max - log_std_min)
+                nn.init.zeros_(self.to_log_std.weight)
+                nn.init.constant_(self.to_log_std.bias, math.log(fraction / (1 - fraction)))  # sigmoid^-1
+
+    def forward(self, h):
+        """h (B, d), the hidden state at each row's `<POSE>` -> PoseGaussian with mu, log_std (B, 144),
+        float32 whatever the autocast: under bf16 autocast the layers would give mu and log_std with 8
+        significant bits, and the 144-d log-density built from them would be off by whole nats (r_c, the
+        pose KL and Delta_hat's gradient with it). The head's weights are float32 (trained tensors are)."""
+        device_type = h.device.type if h.device.type in ("cpu", "cuda") else "cpu"
+        with torch.autocast(device_type, enabled=False):
+            z = F.gelu(self.fc2(F.gelu(self.fc1(h.to(self.fc1.weight.dtype)))))  # (B, hidden)
+            mu = self.to_mu(z)  # (B, 144)
+            if self.deterministic:
+                log_std = torch.full_like(mu, self.log_std_init)  # (B, 144)
+            else:
+                span = self.log_std_max - self.log_std_min
+                log_std = self.log_std_min + span * torch.sigmoid(self.to_log_std(z))  # (B, 144)
+        return PoseGaussian(mu=mu, log_std=log_std)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 3. Policy sampling and scoring for RFT (Eq. 1; Algorithm 1, line 6)
+
+
+@dataclass
+class Rollout:
+    """G candidates (a_i, p_i) ~ pi_theta(. | q) per prompt, N = prompts x G, prompt-major: candidate
+    i = b * G + g belongs to prompt b. Log-probs are those of the sampling policy (pi_old of hygrpo.py)."""
+    G: int
+    prompt_ids: torch.Tensor      # (N, T0) long, left-padded prompts, each repeated G times
+    prompt_mask: torch.Tensor     # (N, T0) bool
+    tokens: torch.Tensor          # (N, Tn) long: the answer a_i; pad after the stop token
+    mask: torch.Tensor            # (N, Tn) bool: generated tokens up to and including the stop token
+    logprobs: torch.Tensor        # (N, Tn) float32: log pi_old(a_t | q, a_<t) at `temperature`; 0 where masked
+    pose: torch.Tensor            # (N, 144) rot6d: p_i ~ N(mu_i, sigma_i); the mean where invalid
+    pose_logprobs: torch.Tensor   # (N,) log pi_old(p_i | q, a_i); 0 where invalid
+    mu: torch.Tensor              # (N, 144)
+    log_std: torch.Tensor         # (N, 144)
+    valid: torch.Tensor           # (N,) bool: the answer emitted <POSE>, so it has a pose (the set V of Eq. 6)
+    v_a: torch.Tensor | None      # (n_img, L_a, d_a) frozen CLIP features of the prompts' images, once each
+    v_b: torch.Tensor | None      # (n_img, L_b, d_b) frozen pose-ViT features
+    temperature: float = 1.0      # the text's sampling temperature; every log-prob of the answer is taken at it
+    pose_samples: int = 1         # M: each answer's pose drawn M times, rows i*M .. i*M+M-1 share the answer
+
+
+@torch.no_grad()
+def sample_policy(model, batch, G, max_new_tokens, temperature=1.0, top_p=1.0, generator=None, pose_samples=1):
+    """Sample G hybrid answers per prompt: text a_i by Llava.generate (KV cache, stopping at eos), and for
+    every answer that emitted `<POSE>`, a pose p_i from the Gaussian head at that token (Eq. 1, 2).
+
+    pose_samples = M > 1 (not in the paper; hygrpo.py note 16): each answer's pose is drawn M times from
+    its Gaussian, so a prompt has G x M candidates (a_i, p_ij), rows i*M .. i*M+M-1 sharing one answer.
+    The text is generated, and later scored, once per answer; only the cheap pose draws are repeated.
+    The returned Rollout then has G = G x M candidates per prompt and pose_samples = M.
+
+    batch: data.collate(..., for_generation=True) output (input_ids / attention_mask left-padded,
+    clip_pixels, pose_pixels). The frozen encoders run once per image; the projected visual tokens, not the
+    pixels, are repeated G times. Sampling uses temperature / top_p for the text; the recorded log-probs are
+    at that temperature (the sampling policy, see Llava.generate), and policy_logprobs scores at it too.
+    Put the model in eval() if it has dropout.
+    Returns a Rollout.
+    """
+    if G < 1:
+        raise ValueError(f"G={G}; need at least one candidate per prompt")
+    cfg = model.config
+    v_a = v_b = visual = None
+    if batch["clip_pixels"].shape[0] > 0:
+        v_a, v_b = model.encode_images(batch["clip_pixels"], batch["pose_pixels"])  # (n, L_a, d_a), (n, L_b, d_b)
+        visual = model.project(v_a, v_b).repeat_interleave(G, dim=0)  # (n*G, L_a + L_b, d)
+    prompt_ids = batch["input_ids"].repeat_interleave(G, dim=0)  # (N, T0)
+    prompt_mask = batch["attention_mask"].bool().repeat_interleave(G, dim=0)  # (N, T0)
+    x = model.embed(prompt_ids, visual)  # (N, T0, d)
+    eos = cfg.llava.text_config.eos_token_id
+    gen = model.llava.generate(inputs_embeds=x, attention_mask=prompt_mask, max_new_tokens=max_new_tokens,
+                               temperature=temperature, top_p=top_p, stop_token_ids=() if eos is None else (eos,),
+                               pad_token_id=cfg.llava.pad_token_id, capture_token_id=cfg.pose_token_id,
+                               generator=generator)
+    M = int(pose_samples)
+    if M < 1:
+        raise ValueError(f"pose_samples={pose_samples}; need at least one pose per answer")
+    rep = lambda t: t.repeat_interleave(M, dim=0)  # noqa: E731  (N, ...) -> (N*M, ...) each answer M times
+    dist = model.pose_head(rep(gen.captured_hidden))  # (N*M, 144) each
+    valid = rep(gen.captured)  # (N*M,)
+    pose = torch.where(valid[:, None], dist.sample(generator), dist.mu)  # (N*M, 144)
+    pose_logprobs = torch.where(valid, dist.log_prob(pose), torch.zeros_like(dist.mu[:, 0]))  # (N*M,)
+    return Rollout(G=G * M, prompt_ids=rep(prompt_ids), prompt_mask=rep(prompt_mask), tokens=rep(gen.tokens),
+                   mask=rep(gen.mask), logprobs=rep(gen.logprobs), pose=pose, pose_logprobs=pose_logprobs,
+                   mu=dist.mu, log_std=dist.log_std, valid=valid, v_a=v_a, v_b=v_b, temperature=temperature,
+                   pose_samples=M)
+
+
+class PolicyScores(typing.NamedTuple):
+    """What policy_logprobs returns."""
+    logprobs: torch.Tensor       # (N, Tn) log pi(a_t | q, a_<t) of the rollout's tokens; 0 where masked
+    pose_logprobs: torch.Tensor  # (N,) log pi(p_i | q, a_i) of the rollout's poses; 0 where invalid
+    pose: PoseGaussian           # (N, 144) mu, log_std of pi(p | q, a_i); an invalid row reads some other token
+
+
+def policy_logprobs(model, rollout):
+    """Score a rollout under the model's CURRENT parameters, with gradients (teacher forcing): the
+    per-token log-probs of the sampled answers and the log-densities of the sampled poses, read at the
+    first generated `<POSE>` of each answer, the tokens at the rollout's sampling temperature (the old,
+    current and reference policies are all tempered alike). Under `model.reference()` it scores pi_ref. With the
+    parameters that sampled the rollout it reproduces rollout.logprobs / pose_logprobs (up to float
+    rounding). Returns PolicyScores (logprobs, pose_logprobs, pose: the Gaussians themselves).
+
+    The prompt's visual tokens are rebuilt from the stored encoder features with the current W_a, W_b;
+    the encoders themselves must be frozen (they are in RFT), since their features were stored without
+    a graph.
+    """
+    if torch.is_grad_enabled() and (_requires_grad(model.llava.vision_tower) or _requires_grad(model.pose_encoder)):
+        raise ValueError("policy_logprobs reuses the rollout's stored encoder features, so f_a and f_b must be "
+                         "frozen (model.set_trainable('rft'))")
+    M = rollout.pose_samples  # each answer appears M times in a row (sample_policy's pose_samples)
+    G, T0, Tn = rollout.G // M, rollout.prompt_ids.shape[1], rollout.tokens.shape[1]  # G answers per prompt
+    tokens, mask = rollout.tokens[::M], rollout.mask[::M]  # (A, Tn) the A = N / M answers
+    # A prompt's G answers are often the same text (the pose template): run each distinct (prompt, answer)
+    # through the LLM once and share its scores. The result is the same as scoring every row; the
+    # gradient of a shared row is the sum over its copies, as it would be.
+    prompt_of = torch.arange(tokens.shape[0], device=tokens.device) // G  # (A,) the answer's prompt b
+    key = torch.cat([prompt_of[:, None], torch.where(mask, tokens, -1)], dim=1)  # (A, 1 + Tn)
+    distinct, copy_of = torch.unique(key, dim=0, return_inverse=True)  # (U, 1 + Tn), (A,) sorted by prompt
+    first_copy = torch.full((distinct.shape[0],), tokens.shape[0], dtype=torch.long, device=tokens.device)
+    first_copy = first_copy.scatter_reduce(0, copy_of, torch.arange(tokens.shape[0], device=tokens.device),
+                                           reduce="amin")  # (U,) one answer row per distinct pair
+    rows = first_copy * M  # (U,) their rows in the rollout
+    prompt_ids, prompt_mask = rollout.prompt_ids[rows], rollout.prompt_mask[rows]  # (U, T0)
+    tokens_u, mask_u = rollout.tokens[rows], rollout.mask[rows]  # (U, Tn)
+    visual = None
+    if rollout.v_a is not None:
+        has_image = (rollout.prompt_ids[::M * G] == model.config.llava.image_token_index).any(-1)  # (B,)
+        image_of = torch.cumsum(has_image.long(), 0) - 1  # (B,) index into the rollout's images
+        b = prompt_of[first_copy]  # (U,) prompt of each distinct pair, in order
+        visual = model.project(rollout.v_a, rollout.v_b)[image_of[b[has_image[b]]]]  # (u_img, L_a + L_b, d)
+    decoder, lm_head = model.llava.language_model.model, model.llava.language_model.lm_head
+    # The generated tokens are embedded as words, even a sampled <image> id, as generate fed them.
+    x = torch.cat([model.embed(prompt_ids, visual), decoder.embed_tokens(tokens_u)], dim=1)  # (U, T, d)
+    key_mask = torch.cat([prompt_mask.bool(), mask_u.bool()], dim=1)  # (U, T)
+    positions, attn_mask = positions_and_mask(key_mask, T0 + Tn)  # (U, T), (U, 1, T, T)
+    h = decoder(x, positions, attn_mask)  # (U, T, d)
+    logits = lm_head(h[:, T0 - 1:T0 + Tn - 1])  # (U, Tn, V): position t scores the token at t + 1
+    logprobs = token_logprobs(logits, tokens_u, rollout.temperature).masked_fill(~mask_u.bool(), 0.0)  # (U, Tn)
+    back = copy_of.repeat_interleave(M)  # (N,) each candidate's distinct pair
+    logprobs = logprobs[back]  # (N, Tn) every copy of an answer scores alike
+    first, found = model.pose_positions(tokens_u, mask_u)  # (U,), (U,)
+    if not torch.equal(found[back], rollout.valid):
+        raise ValueError("rollout.valid does not match the <POSE> tokens in rollout.tokens")
+    pose_hidden = h[torch.arange(h.shape[0], device=h.device), T0 + first]  # (U, d) at each first <POSE>
+    dist = model.pose_head(pose_hidden[back])  # (N, 144) each
+    pose_logprobs = torch.where(rollout.valid, dist.log_prob(rollout.pose), torch.zeros_like(dist.mu[:, 0]))  # (N,)
+    return PolicyScores(logprobs=logprobs, pose_logprobs=pose_logprobs, pose=dist)
+
+
+def answer_texts(rollout, tokenizer):
+    """The text a_i of every candidate of a rollout: its generated tokens up to, not including, </s>,
+    decoded once per answer and shared by the answer's pose draws. -> list of N strings."""
+    N, M = rollout.tokens.shape[0], rollout.pose_samples
+    keep = rollout.mask & (rollout.tokens != tokenizer.eos_id)  # (N, Tn) the answer without </s>
+    texts = [tokenizer.decode(rollout.tokens[i][keep[i]].tolist()) for i in range(0, N, M)]  # one per answer
+    return [t for t in texts for _ in range(M)]  # (N,) an answer's pose draws share its text
+
+
+def reference_hidden_states(policy):
+    """hidden_states(input_ids, attention_mask) of the frozen reference policy's decoder, for the text
+    embedder stand-in (rewards.MeanPoolEmbedder): text only, no gradients. Every id is embedded as a
+    word, as generation fed it (a garbage answer may contain the <image> id, which has no image here)."""
+    decoder = policy.llava.language_model.model
+
+    def hidden_states(input_ids, attention_mask):
+        with torch.no_grad(), policy.reference():
+            x = decoder.embed_tokens(input_ids)  # (B, T, d)
+            positions, mask = positions_and_mask(attention_mask, input_ids.shape[1])  # (B, T), (B, 1, T, T)
+            return decoder(x, positions, mask)  # (B, T, d) last layer, after the final norm
+    return hidden_states
+
+
+# ----------------------------------------------------------------------------------------------------
+# 4. The policy's config and presets, and the <POSE> rows of the frozen LLM
+
+# The config.json of llava-hf/llava-1.5-7b-hf (fields left out take transformers' defaults, see LlavaConfig).
+LLAVA_15_7B_CONFIG = {
+    "image_token_index": 32000, "pad_token_id": 32001, "projector_hidden_act": "gelu",
+    "vision_feature_layer": -2, "vision_feature_select_strategy": "default",
+    "text_config": {"max_position_embeddings": 4096, "rms_norm_eps": 1e-05, "vocab_size": 32064},
+    "vision_config": {"hidden_size": 1024, "image_size": 336, "intermediate_size": 4096, "num_attention_heads": 16,
+                      "num_hidden_layers": 24, "patch_size": 14},
+}
+
+
+@dataclass
+class PoseLLaVAConfig:
+    """Everything that shapes the policy; stored with every checkpoint. Build one with `from_preset`.
+
+    preset "tiny" trains from scratch on PoseWorld (no pretrained weights exist for it, so SFT trains
+    everything); "llava-1.5-7b" is the paper's setting (Sec. 4.1): LLaVA-1.5-7B + HMR2.0's ViT-H, the
+    encoders frozen, W_a, W_b, the pose head, the <POSE> rows and LoRA on the LLM trained.
+    """
+    preset: str
+    llava: LlavaConfig                  # f_a (CLIP), W_a (LLaVA's projector) and the Llama decoder
+    pose_vit: PoseViTConfig             # f_b
+    pose_token_id: int                  # the id of <POSE> in the tokenizer (32002 for llava-hf's)
+    head_hidden: int = 1024             # width of the pose head's MLP
+    deterministic: bool = False         # True: Table 3's "Baseline", a mean-only pose head
+    log_std_min: float = -5.0           # bounds of the pose head's log-std (see GaussianPoseHead)
+    log_std_max: float = 0.0
+    log_std_init: float = -1.0          # starting log-std; the fixed one when deterministic
+    lora_r: int = 8                     # LoRA on the LLM's attention projections
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: tuple = ("q_proj", "k_proj", "v_proj", "o_proj")
+    llava_path: str | None = None       # llava-1.5-7b: llava-hf/llava-1.5-7b-hf folder (safetensors)
+    pose_encoder_path: str | None = None  # llava-1.5-7b: HMR2.0 checkpoint (.ckpt) or backbone .safetensors
+    smpl_path: str | None = None        # the SMPL model file the rewards and losses use (not read here)
+
+    def __post_init__(self):
+        if self.preset not in PRESETS:
+            raise ValueError(f"preset={self.preset!r}; expected one of {PRESETS}")
+        self.lora_targets = tuple(self.lora_targets)
+
+    @property
+    def clip_size(self):
+        """Side of the square CLIP input (data.collate's clip_size)."""
+        return self.llava.vision_config.image_size
+
+    @property
+    def pose_size(self):
+        """(H, W) of the pose-ViT input (data.collate's pose_size)."""
+        return self.pose_vit.image_size
+
+    @property
+    def n_image_tokens(self):
+        """Image tokens per image in a prompt: L_a CLIP tokens then L_b pose tokens (576 + 192 for 7B)."""
+        return self.llava.num_image_tokens + self.pose_vit.num_tokens
+
+    @classmethod
+    def from_preset(cls, name="tiny", tokenizer=None, **overrides):
+        """The `tiny` or `llava-1.5-7b` config. The token ids come from `tokenizer` (required for tiny,
+        whose vocabulary is a BPE trained on PoseWorld; optional for 7B, whose llava-hf ids are known);
+        `<POSE>` is added to the tokenizer if it lacks it. Overrides: any field, and for tiny the sizes
+        of `_tiny_config`. llava-1.5-7b reads its sizes from the files when their paths are given:
+        llava_path/config.json (read_llava_config) and the shapes in pose_encoder_path (read_pose_vit_config;
+        `pose_vit={...}` sets what shapes cannot tell, such as the number of heads)."""
+        if name == "tiny":
+            if tokenizer is None:
+                raise ValueError("the tiny preset takes its vocabulary from a tokenizer "
+                                 "(Tokenizer.train_bpe on PoseWorld text); pass tokenizer=")
+            return _tiny_config(tokenizer, **overrides)
+        if name == "llava-1.5-7b":
+            # The sizes come from the files the user has (so LLaVA-1.5-13B, or a smaller test model, works
+            # unchanged); without them, the published 7B / ViT-H ones (the weightless `meta` dry run).
+            llava_path, pose_path = overrides.get("llava_path"), overrides.get("pose_encoder_path")
+            llava = read_llava_config(llava_path) if llava_path else LlavaConfig.from_dict(LLAVA_15_7B_CONFIG)
+            pose_vit = overrides.pop("pose_vit", None) or {}  # a PoseViTConfig, or fields to set
+            if not isinstance(pose_vit, PoseViTConfig):
+                pose_vit = read_pose_vit_config(pose_path, **pose_vit) if pose_path else PoseViTConfig(**pose_vit)
+            config = cls(preset=name, llava=llava, pose_vit=pose_vit, pose_token_id=32002, **overrides)
+            if tokenizer is not None:
+                ids = _token_ids(tokenizer)
+                if ids["image"] != config.llava.image_token_index:
+                    raise ValueError(f"the tokenizer's {IMAGE_TOKEN} is {ids['image']}, LLaVA-1.5's is "
+                                     f"{config.llava.image_token_index}: use llava-hf's tokenizer.json")
+                config.pose_token_id = ids["pose"]
+            return config
+        raise ValueError(f"unknown preset {name!r}; expected one of {PRESETS}")
+
+    @classmethod
+    def from_dict(cls, d):
+        kwargs = _known_fields(cls, d)
+        kwargs["llava"] = LlavaConfig.from_dict(d["llava"])
+        kwargs["pose_vit"] = PoseViTConfig.from_dict(d["pose_vit"])
+        return cls(**kwargs)
+
+    def to_dict(self):
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d.update(llava=self.llava.to_dict(), pose_vit=self.pose_vit.to_dict(), lora_targets=list(self.lora_targets))
+        return d
+
+
+def _token_ids(tokenizer):
+    """The special-token ids the model needs, adding <POSE> to the tokenizer when it is missing."""
+    image = tokenizer.token_to_id(IMAGE_TOKEN)
+    if image is None:
+        raise ValueError(f"the tokenizer has no {IMAGE_TOKEN} token")
+    pose = tokenizer.add_special_tokens([POSE_TOKEN])[0]
+    return {"image": image, "pose": pose, "bos": tokenizer.bos_id, "eos": tokenizer.eos_id,
+            "pad": tokenizer.pad_id}
+
+
+def _tiny_config(tokenizer, llm_hidden=128, llm_layers=4, llm_heads=4, llm_kv_heads=2, llm_mlp=344,
+                 clip_image_size=64, clip_patch_size=16, clip_hidden=96, clip_layers=3, clip_heads=4,
+                 pose_image_size=(64, 48), pose_hidden=96, pose_layers=3, pose_heads=4, head_hidden=256,
+                 **fields_):
+    """The tiny preset, sized for a 2-core CPU: a 4-layer Llama of width 128, a CLIP tower on 64 x 64
+    images (4 x 4 = 16 tokens, of which LLaVA's second-to-last layer is read) and a pose ViT on 64 x 48
+    crops (patch 16, padding 2: 4 x 3 = 12 tokens), both of width 96. Every size is an argument."""
+    ids = _token_ids(tokenizer)
+    vocab_size = max(tokenizer.vocab_size, ids["pose"] + 1, ids["image"] + 1)
+    text = LlamaConfig(vocab_size=vocab_size, hidden_size=llm_hidden, intermediate_size=llm_mlp,
+                       num_hidden_layers=llm_layers, num_attention_heads=llm_heads, num_key_value_heads=llm_kv_heads,
+                       max_position_embeddings=1024, rms_norm_eps=1e-5, bos_token_id=ids["bos"],
+                       eos_token_id=ids["eos"], pad_token_id=ids["pad"])
+    vision = CLIPVisionConfig(hidden_size=clip_hidden, intermediate_size=4 * clip_hidden, num_hidden_layers=clip_layers,
+                              num_attention_heads=clip_heads, image_size=clip_image_size, patch_size=clip_patch_size)
+    llava = LlavaConfig(text_config=text, vision_config=vision, image_token_index=ids["image"], pad_token_id=ids["pad"])
+    pose_vit = PoseViTConfig(image_size=pose_image_size, hidden_size=pose_hidden, num_hidden_layers=pose_layers,
+                             num_attention_heads=pose_heads)
+    return PoseLLaVAConfig(preset="tiny", llava=llava, pose_vit=pose_vit, pose_token_id=ids["pose"],
+                           head_hidden=head_hidden, **fields_)
+
+
+def _flatten(d, prefix=""):
+    """{"a": {"b": 1}} -> {"a.b": 1}"""
+    out = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def _config_differences(have, want):
+    """'field: have vs want' for each field of the (possibly partial) dict `want` that `have` sets
+    differently. Fields ending in _path say where weights are, not what the network is: not compared."""
+    have, want = _flatten(have), _flatten(want)
+    return [f"{k}: {have.get(k, '<absent>')!r} vs {v!r}" for k, v in sorted(want.items())
+            if not k.endswith("_path") and have.get(k, "<absent>") != v]
+
+
+class EmbeddingWithNewToken(nn.Embedding):
+    """embed_tokens whose row for one new token (`<POSE>`) is a separate Parameter, `new_row`.
+
+    Why: in the 7B preset the LLM is frozen except LoRA, yet the model has to learn to READ `<POSE>`. A
+    separate (d,) parameter spliced in at that id trains just that row; training the whole table with its
+    other rows' gradients masked would still hand all 32k rows to the optimizer (weight decay, moments)
+    and to the checkpoint. The base table keeps its key (`embed_tokens.weight`), so a base checkpoint
+    loads as before; its own row at the new id is simply never read.
+    """
+
+    def __init__(self, base, token_id):
+        super().__init__(base.num_embeddings, base.embedding_dim, device="meta")
+        self.weight = base.weight  # (V, d), the frozen table
+        self.token_id = token_id
+        self.new_row = nn.Parameter(_mean_of_other_rows(base.weight, token_id))  # (d,)
+
+    def forward(self, ids):
+        x = F.embedding(ids, self.weight)  # (B, T, d)
+        return torch.where((ids == self.token_id)[..., None], self.new_row.to(x.dtype), x)  # (B, T, d)
+
+    def extra_repr(self):
+        return f"{super().extra_repr()}, new token {self.token_id}"
+
+
+class LMHeadWithNewToken(nn.Linear):
+    """lm_head whose output row for one new token (`<POSE>`) is a separate Parameter, `new_row`, so that
+    the frozen model can learn to EMIT `<POSE>` (see EmbeddingWithNewToken for why a separate row)."""
+
+    def __init__(self, base, token_id):
+        if base.bias is not None:
+            raise ValueError("LMHeadWithNewToken expects Llama's bias-free lm_head")
+        super().__init__(base.in_features, base.out_features, bias=False, device="meta")
+        self.weight = base.weight  # (V, d), frozen
+        self.token_id = token_id
+        self.new_row = nn.Parameter(_mean_of_other_rows(base.weight, token_id))  # (d,)
+
+    def forward(self, h):
+        logits = F.linear(h, self.weight)  # (..., V)
+        new_logit = F.linear(h, self.new_row.to(h.dtype)[None])  # (..., 1)
+        i = self.token_id
+        return torch.cat([logits[..., :i], new_logit, logits[..., i + 1:]], dim=-1)  # (..., V)
+
+    def extra_repr(self):
+        return f"{super().extra_repr()}, new token {self.token_id}"
+
+
+@torch.no_grad()
+def _mean_of_other_rows(weight, token_id):
+    """The mean of every row but `token_id`, in float32: the usual start for a new token's embedding and
+    output rows (Hewitt 2021). A random row would have the wrong scale; the mean sits among the real words,
+    and as an output row it gives the new token the average logit, so adding it barely changes the model's
+    distribution over the old tokens (and the new token starts neither certain nor impossible)."""
+    V = weight.shape[0]
+    total = weight.sum(0, dtype=torch.float32)  # (d,)
+    if token_id < V:
+        total = total - weight[token_id].float()
+        V = V - 1
+    return total / V  # (d,)
+
+
+@torch.no_grad()
+def _grow_vocabulary(embed, lm_head, n_rows):
+    """embed_tokens and lm_head with n_rows rows: the old rows copied, the new ones the mean of the old
+    (for ids the tokenizer gives beyond the table; llava-hf's 32064 rows already cover <POSE> = 32002)."""
+    V, d = embed.weight.shape
+    like = dict(device=embed.weight.device, dtype=embed.weight.dtype)
+    new_embed = nn.Embedding(n_rows, d, **like)
+    new_head = nn.Linear(d, n_rows, bias=False, **like)
+    for new, old in ((new_embed, embed), (new_head, lm_head)):
+        new.weight[:V] = old.weight
+        new.weight[V:] = old.weight.float().mean(0).to(old.weight.dtype)
+    return new_embed, new_head
+
+
+# ====================================================================================================
+# What the policy is built from: LLaVA-1.5 (Llama decoder, CLIP ViT, projector), LoRA, the pose ViT
+#
+# Written out in plain PyTorch with Hugging Face's module names, in the order of the forward pass.
+# ----------------------------------------------------------------------------------------------------
+# 5. The Llama decoder
 
 
 class RMSNorm(nn.Module):
@@ -412,7 +1029,7 @@ class LlamaForCausalLM(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 3. The CLIP vision tower and the projector
+# 6. The CLIP vision tower and the projector
 
 
 class CLIPEmbeddings(nn.Module):
@@ -523,7 +1140,7 @@ class LlavaProjector(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 4. The multimodal model
+# 7. The multimodal model
 
 
 @dataclass
@@ -786,7 +1403,450 @@ class Llava(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 5. Loading llava-hf checkpoints
+# 8. LoRA (Hu et al. 2022)
+#
+# Design: LoRALinear *is* an nn.Linear (a subclass) that adopts the wrapped layer's own weight and bias
+# Parameters. So the state-dict keys of the base stay `...q_proj.weight` / `...q_proj.bias`: a base
+# checkpoint loads into a wrapped model (load_state_dict(strict=False) then reports only the lora_A /
+# lora_B keys as missing), and a merged model has exactly the base's keys. Keeping the base as a child
+# module instead would rename its keys to `...q_proj.base.weight` and need load/save hooks to undo that.
+
+
+class LoRALinear(nn.Linear):
+    """h = W0 x + b + (alpha / r) * B A dropout(x)   (LoRA, Hu et al. 2022, Eq. 3 and Sec. 4.1)
+
+    W0 (d_out, d_in) and b are the frozen base; A (r, d_in) starts like nn.Linear's default
+    (Kaiming-uniform, as the paper's code and peft do) and B (d_out, r) at zero, so at init the layer
+    equals its base exactly. A and B take the base's device and dtype; the adapter runs in the input's
+    dtype. With `disabled` set (see lora_disabled) the layer is just its base.
+    """
+
+    def __init__(self, base: nn.Linear, r: int = 8, alpha: float = 16.0, dropout: float = 0.0):
+        if not isinstance(base, nn.Linear) or isinstance(base, LoRALinear):
+            raise ValueError(f"LoRALinear wraps a plain nn.Linear, got {type(base).__name__}")
+        if r <= 0:
+            raise ValueError(f"LoRA rank r must be positive, got {r}")
+        # built on the meta device: the base's own Parameters replace these at once, nothing is copied
+        super().__init__(base.in_features, base.out_features, bias=base.bias is not None, device="meta")
+        self.weight = base.weight  # (d_out, d_in)
+        self.bias = base.bias  # (d_out,) or None
+        self.weight.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        self.r, self.alpha, self.scale = r, alpha, alpha / r
+        like = dict(device=base.weight.device, dtype=base.weight.dtype)
+        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, **like))  # (r, d_in)
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, **like))  # (d_out, r)
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.disabled = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias)  # (..., d_out)
+        if self.disabled:
+            return y
+        Ax = F.linear(self.lora_dropout(x), self.lora_A.to(x.dtype))  # (..., r)
+        return y + self.scale * F.linear(Ax, self.lora_B.to(x.dtype))  # (..., d_out)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, r={self.r}, alpha={self.alpha}"
+
+
+def _replace_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child_name = name.rpartition(".")
+    setattr(root.get_submodule(parent_name), child_name, new)
+
+
+def apply_lora(module: nn.Module, targets=("q_proj", "k_proj", "v_proj", "o_proj"), r: int = 8,
+               alpha: float = 16.0, dropout: float = 0.0) -> list[str]:
+    """Wrap every nn.Linear whose attribute name is in `targets` (at any depth) in a LoRALinear.
+
+    Returns the dotted names of the wrapped layers. In those layers only lora_A / lora_B require grad
+    afterwards; every other parameter of `module` keeps its requires_grad. To train only the adapters
+    (the paper's LLM setting), call module.requires_grad_(False) first and re-enable what else should
+    train (e.g. the projectors and the pose head). Pass the language model, not the whole LLaVA: the
+    CLIP tower's attention also names its layers q_proj / k_proj / v_proj.
+    """
+    found = [(name, m) for name, m in module.named_modules()
+             if name and name.rpartition(".")[2] in targets and isinstance(m, nn.Linear)]
+    wrapped_already = [name for name, m in found if isinstance(m, LoRALinear)]
+    if wrapped_already:
+        raise ValueError(f"apply_lora: {wrapped_already[:4]} already carry LoRA; merge_lora first")
+    if not found:
+        linear_names = sorted({n.rpartition(".")[2] for n, m in module.named_modules()
+                               if isinstance(m, nn.Linear)})
+        raise ValueError(f"apply_lora: no nn.Linear named one of {tuple(targets)} in {type(module).__name__}; "
+                         f"its linear layers are named {linear_names[:12]}")
+    for name, linear in found:
+        _replace_submodule(module, name, LoRALinear(linear, r=r, alpha=alpha, dropout=dropout))
+    return [name for name, _ in found]
+
+
+@torch.no_grad()
+def merge_lora(module: nn.Module) -> list[str]:
+    """Fold each adapter into its base, W0 <- W0 + (alpha / r) B A, and put a plain nn.Linear back.
+
+    The merged model has no LoRA modules, the base's state-dict keys, and the same outputs (up to
+    rounding in the weight dtype). The merged weights stay frozen (requires_grad False). Returns the
+    merged layer names.
+    """
+    layers = [(name, m) for name, m in module.named_modules() if isinstance(m, LoRALinear)]
+    if any(name == "" for name, _ in layers):
+        raise ValueError("merge_lora: pass the module that contains the LoRALinear, not the layer itself")
+    for name, lora in layers:
+        delta = lora.scale * (lora.lora_B.float() @ lora.lora_A.float())  # (d_out, d_in), summed in fp32
+        lora.weight.add_(delta.to(lora.weight.dtype))
+        plain = nn.Linear(lora.in_features, lora.out_features, bias=lora.bias is not None, device="meta")
+        plain.weight, plain.bias = lora.weight, lora.bias
+        _replace_submodule(module, name, plain)
+    return [name for name, _ in layers]
+
+
+@contextlib.contextmanager
+def lora_disabled(module: nn.Module):
+    """Inside this block every LoRALinear in `module` acts as its frozen base: the reference policy
+    pi_ref of RFT without a second copy of the weights. Raises if `module` has no LoRA layer, since a
+    "reference" identical to the policy would silently make the KL term zero."""
+    layers = [m for m in module.modules() if isinstance(m, LoRALinear)]
+    if not layers:
+        raise ValueError("lora_disabled: the module has no LoRA layers "
+                         "(apply_lora first; a merged model has none)")
+    before = [m.disabled for m in layers]
+    for m in layers:
+        m.disabled = True
+    try:
+        yield module
+    finally:
+        for m, state in zip(layers, before):
+            m.disabled = state
+
+
+def lora_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Only the adapter tensors, keyed as in module.state_dict() (`<layer>.lora_A`, `<layer>.lora_B`),
+    so module.load_state_dict(sd, strict=False) puts them back into a model wrapped the same way."""
+    sd = {}
+    for name, m in module.named_modules():
+        if isinstance(m, LoRALinear):
+            prefix = f"{name}." if name else ""
+            sd[prefix + "lora_A"] = m.lora_A.detach()  # (r, d_in)
+            sd[prefix + "lora_B"] = m.lora_B.detach()  # (d_out, r)
+    return sd
+
+
+# ----------------------------------------------------------------------------------------------------
+# 9. The pose-aware encoder f_b: HMR2.0's ViT-H backbone (Appendix A)
+#
+# HMR2.0 (Goel et al. 2023, 4D-Humans `hmr2/models/backbones/vit.py`) uses the ViTPose layout of a plain
+# ViT: a patch-16 convolution WITH padding 2 (so 256 x 192 pixels give a 16 x 12 grid), no class token,
+# pre-norm blocks with a fused qkv projection, exact GELU, LayerNorm eps 1e-6 and a final `last_norm`.
+# Module and parameter names are those of its checkpoint with the `backbone.` prefix removed.
+
+
+@dataclass
+class PoseViTConfig:
+    """The pose-aware ViT f_b. Defaults are HMR2.0's ViT-H (`vit(cfg)` in 4D-Humans): 256 x 192 input,
+    patch 16, padding 2, width 1280, depth 32, 16 heads, MLP ratio 4, qkv with bias."""
+    image_size: tuple = (256, 192)   # (H, W): HMR2.0 feeds the central 192 columns of its 256 x 256 crop
+    patch_size: int = 16
+    patch_padding: int = 2           # ViTPose: padding = 4 + 2 * (ratio // 2 - 1), with ratio = 1
+    hidden_size: int = 1280          # d_b
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 16
+    mlp_ratio: int = 4
+    layer_norm_eps: float = 1e-6
+    num_channels: int = 3
+
+    def __post_init__(self):
+        self.image_size = tuple(int(s) for s in self.image_size)
+        if len(self.image_size) != 2:
+            raise ValueError(f"PoseViTConfig.image_size={self.image_size}; expected (H, W)")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"hidden_size={self.hidden_size} is not a multiple of "
+                             f"num_attention_heads={self.num_attention_heads}")
+        # pos_embed has (H // p) * (W // p) patch rows and is added without interpolation, so the padded
+        # convolution must give exactly that grid (it does for 256 x 192 and for the tiny 64 x 48).
+        H, W = self.image_size
+        if self.grid != (H // self.patch_size, W // self.patch_size):
+            raise ValueError(f"image_size={self.image_size}, patch_size={self.patch_size}, padding="
+                             f"{self.patch_padding} give a {self.grid} patch grid but pos_embed has "
+                             f"{(H // self.patch_size, W // self.patch_size)}; pick sizes where they agree")
+
+    @property
+    def grid(self):
+        """(Hp, Wp), the patch grid the padded convolution produces."""
+        p, pad = self.patch_size, self.patch_padding
+        return tuple((s + 2 * pad - p) // p + 1 for s in self.image_size)
+
+    @property
+    def num_tokens(self):
+        """L_b, the number of pose tokens per image: 16 x 12 = 192 for HMR2.0."""
+        Hp, Wp = self.grid
+        return Hp * Wp
+
+    @classmethod
+    def from_dict(cls, d):
+        return cls(**_known_fields(cls, d))
+
+    def to_dict(self):
+        return {**asdict(self), "image_size": list(self.image_size)}
+
+
+class PatchEmbed(nn.Module):
+    """16 x 16 patches of the image zero-padded by 2 pixels on each side (ViTPose's PatchEmbed: kernel 16,
+    stride 16, padding 2), so the grid starts 2 pixels before the image and 256 x 192 gives 16 x 12."""
+
+    def __init__(self, config):
+        super().__init__()
+        c = config
+        self.proj = nn.Conv2d(c.num_channels, c.hidden_size, c.patch_size, c.patch_size, padding=c.patch_padding)
+
+    def forward(self, pixels):
+        x = self.proj(pixels.to(self.proj.weight.dtype))  # (N, D, Hp, Wp)
+        return x.flatten(2).transpose(1, 2)  # (N, Hp*Wp, D), row-major over the grid
+
+
+class PoseViTAttention(nn.Module):
+    """Bidirectional multi-head attention with one fused qkv projection (scale head_dim^-0.5)."""
+
+    def __init__(self, config):
+        super().__init__()
+        D = config.hidden_size
+        self.n_head = config.num_attention_heads
+        self.qkv = nn.Linear(D, 3 * D, bias=True)
+        self.proj = nn.Linear(D, D)
+
+    def forward(self, x):
+        N, L, D = x.shape
+        # the fused output is laid out [q | k | v], each split into heads: (N, L, 3, nh, hs)
+        qkv = self.qkv(x).view(N, L, 3, self.n_head, D // self.n_head).permute(2, 0, 3, 1, 4)  # (3, N, nh, L, hs)
+        y = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # (N, nh, L, hs)
+        return self.proj(y.transpose(1, 2).reshape(N, L, D))  # (N, L, D)
+
+
+class PoseViTMLP(nn.Module):
+    """fc2(gelu(fc1(x))) with the exact (erf) GELU of nn.GELU."""
+
+    def __init__(self, config):
+        super().__init__()
+        D = config.hidden_size
+        self.fc1 = nn.Linear(D, config.mlp_ratio * D)
+        self.fc2 = nn.Linear(config.mlp_ratio * D, D)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))  # (N, L, D)
+
+
+class PoseViTBlock(nn.Module):
+    """Pre-LayerNorm block: x + attn(norm1(x)), then x + mlp(norm2(x)). (Drop-path is training-only.)"""
+
+    def __init__(self, config):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.attn = PoseViTAttention(config)
+        self.norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = PoseViTMLP(config)
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))  # (N, L, D)
+        return x + self.mlp(self.norm2(x))  # (N, L, D)
+
+
+class PoseViT(nn.Module):
+    """f_b of Appendix A: v_b = f_b(x), one token per patch of the HMR2.0-style person crop."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        H, W = config.image_size
+        n_patches = (H // config.patch_size) * (W // config.patch_size)
+        self.patch_embed = PatchEmbed(config)
+        # One row more than there are patches: ViTPose keeps the position table of its class-token
+        # pretraining although it has no class token, and adds that extra row to every patch (forward).
+        self.pos_embed = nn.Parameter(torch.zeros(1, n_patches + 1, config.hidden_size))  # (1, P+1, D)
+        self.blocks = nn.ModuleList(PoseViTBlock(config) for _ in range(config.num_hidden_layers))
+        self.last_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.apply(self._init_weights)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+
+    @staticmethod
+    def _init_weights(module):
+        """N(0, 0.02) weights and zero biases (the tiny preset trains from scratch; HMR2.0's file overwrites it)."""
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            nn.init.normal_(module.weight, std=0.02)
+            nn.init.zeros_(module.bias)
+
+    def forward(self, pixels):
+        """pixels (N, 3, H, W), ImageNet-normalised (data.pose_vit_preprocess) -> v_b (N, L_b, d_b), the
+        Hp x Wp grid flattened row-major, after last_norm."""
+        c = self.config
+        if pixels.ndim != 4 or tuple(pixels.shape[1:]) != (c.num_channels, *c.image_size):
+            raise ValueError(f"pose ViT pixels have shape {tuple(pixels.shape)}; expected (N, {c.num_channels}, "
+                             f"{c.image_size[0]}, {c.image_size[1]})")
+        x = self.patch_embed(pixels)  # (N, L_b, D)
+        x = x + self.pos_embed[:, 1:] + self.pos_embed[:, :1]  # (N, L_b, D)
+        for block in self.blocks:
+            x = block(x)  # (N, L_b, D)
+        return self.last_norm(x)  # (N, L_b, D)
+
+
+# ====================================================================================================
+# File formats: not in the paper
+#
+# Hugging Face configs and llava-hf safetensors, the Llama BPE tokenizer.json, HMR2.0's Lightning
+# checkpoint (read without running pickled code), and this project's own checkpoints.
+# ----------------------------------------------------------------------------------------------------
+# 10. Hugging Face configs (config.json of llava-hf)
+
+
+def _known_fields(cls, d):
+    """The entries of the dict `d` that are fields of the dataclass `cls` (the rest is bookkeeping such as
+    `architectures`, `torch_dtype` or initialisation settings, which do not change the network)."""
+    names = {f.name for f in fields(cls)}
+    return {k: v for k, v in d.items() if k in names}
+
+
+@dataclass
+class LlamaConfig:
+    """The Llama decoder. Defaults are transformers' `LlamaConfig` defaults (Llama-2-7B sizes); note that
+    llava-1.5's Vicuna uses rms_norm_eps=1e-5 and a vocabulary of 32064, both set in its config.json."""
+    vocab_size: int = 32000
+    hidden_size: int = 4096                # d, the width of the residual stream
+    intermediate_size: int = 11008         # SwiGLU hidden width
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int | None = None  # None: one key/value head per query head (no GQA)
+    head_dim: int | None = None            # None: hidden_size // num_attention_heads
+    max_position_embeddings: int = 2048    # the context the model was trained for; not enforced
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    bos_token_id: int | None = 1
+    eos_token_id: int | None = 2
+    pad_token_id: int | None = None
+
+    def __post_init__(self):
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_attention_heads={self.num_attention_heads} must be a multiple of "
+                             f"num_key_value_heads={self.num_key_value_heads}")
+
+    @classmethod
+    def from_dict(cls, d):
+        """Read a transformers `text_config` dict (old `rope_theta` or new `rope_parameters` spelling)."""
+        rope = d.get("rope_parameters") or {}
+        if d.get("rope_scaling") or rope.get("rope_type", "default") != "default":
+            raise ValueError(f"text_config asks for RoPE scaling ({d.get('rope_scaling') or rope}); "
+                             "only plain RoPE (LLaVA-1.5's) is implemented")
+        if d.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"text_config hidden_act={d['hidden_act']!r}; Llama's SwiGLU needs 'silu'")
+        if d.get("tie_word_embeddings", False):
+            raise ValueError("text_config ties lm_head to embed_tokens; LLaVA-1.5 keeps them separate")
+        kwargs = _known_fields(cls, d)
+        kwargs["rope_theta"] = float(rope.get("rope_theta", d.get("rope_theta", cls.rope_theta)))
+        return cls(**kwargs)
+
+    def to_dict(self):
+        """A `text_config` dict that this class and transformers both read back to the same network."""
+        d = asdict(self)
+        d["rope_parameters"] = {"rope_type": "default", "rope_theta": d.pop("rope_theta")}
+        return {"model_type": "llama", "hidden_act": "silu", "tie_word_embeddings": False, **d}
+
+
+@dataclass
+class CLIPVisionConfig:
+    """The CLIP ViT. Defaults are transformers' `CLIPVisionConfig` defaults (ViT-B/32); LLaVA-1.5 uses
+    ViT-L/14 at 336 px (see `LlavaConfig.vision_config`)."""
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    num_channels: int = 3
+    image_size: int = 224
+    patch_size: int = 32
+    layer_norm_eps: float = 1e-5
+
+    @classmethod
+    def from_dict(cls, d):
+        """Read a transformers `vision_config` dict."""
+        if d.get("hidden_act", "quick_gelu") != "quick_gelu":
+            raise ValueError(f"vision_config hidden_act={d['hidden_act']!r}; CLIP uses 'quick_gelu'")
+        for key in ("image_size", "patch_size"):
+            if isinstance(d.get(key), (list, tuple)):
+                raise ValueError(f"vision_config {key}={d[key]}: only square images and patches are supported")
+        return cls(**_known_fields(cls, d))
+
+    def to_dict(self):
+        return {"model_type": "clip_vision_model", "hidden_act": "quick_gelu", **asdict(self)}
+
+
+def _clip_vit_l14_336():
+    """LLaVA-1.5's vision tower, what transformers' LlavaConfig builds when `vision_config` is absent."""
+    return CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                            num_attention_heads=16, image_size=336, patch_size=14)
+
+
+@dataclass
+class LlavaConfig:
+    """LLaVA-1.5: a CLIP vision tower, a 2-layer GELU projector and a Llama decoder.
+
+    Defaults are transformers' `LlavaConfig` defaults. As in transformers, a missing `vision_config` gives
+    CLIP ViT-L/14-336 but a `vision_config` dict with missing fields fills them with plain CLIP defaults,
+    and a missing `text_config` (or field of it) takes the Llama defaults. The hub's llava-1.5-7b-hf
+    config.json names the fields that differ, so it reads as the real 7B model.
+    """
+    text_config: LlamaConfig = field(default_factory=LlamaConfig)
+    vision_config: CLIPVisionConfig = field(default_factory=_clip_vit_l14_336)
+    image_token_index: int = 32000           # the `<image>` token; each one is replaced by one visual feature
+    vision_feature_layer: int = -2           # second-to-last CLIP layer (LLaVA-1.5, Sec. 4.1 backbone)
+    vision_feature_select_strategy: str = "default"  # 'default': drop the class token; 'full': keep it
+    multimodal_projector_bias: bool = True
+    pad_token_id: int | None = None          # the hub checkpoint uses 32001; generate() pads with it
+
+    def __post_init__(self):
+        if self.vision_feature_select_strategy not in ("default", "full"):
+            raise ValueError(f"vision_feature_select_strategy={self.vision_feature_select_strategy!r}; "
+                             "expected 'default' or 'full'")
+        if not isinstance(self.vision_feature_layer, int):
+            raise ValueError(f"vision_feature_layer={self.vision_feature_layer!r}: only a single layer index "
+                             "is supported (LLaVA-1.5 uses -2)")
+
+    @property
+    def num_image_tokens(self):
+        """Visual features per image, hence `<image>` tokens per image in a prompt: 576 for 336 px, patch 14."""
+        v = self.vision_config
+        n_patches = (v.image_size // v.patch_size) ** 2
+        return n_patches + (1 if self.vision_feature_select_strategy == "full" else 0)
+
+    @classmethod
+    def from_dict(cls, d):
+        """Read a llava-hf `config.json` (already parsed)."""
+        if d.get("projector_hidden_act", "gelu") != "gelu":
+            raise ValueError(f"projector_hidden_act={d['projector_hidden_act']!r}; LLaVA-1.5 uses 'gelu'")
+        if d.get("tie_word_embeddings", False):
+            raise ValueError("config ties lm_head to embed_tokens; LLaVA-1.5 keeps them separate")
+        kwargs = _known_fields(cls, d)
+        kwargs["text_config"] = LlamaConfig.from_dict(d.get("text_config") or {})
+        if d.get("vision_config") is not None:
+            kwargs["vision_config"] = CLIPVisionConfig.from_dict(d["vision_config"])
+        else:
+            kwargs.pop("vision_config", None)
+        return cls(**kwargs)
+
+    def to_dict(self):
+        """A llava-hf style `config.json` dict (readable by `from_dict` and by transformers)."""
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d["text_config"] = self.text_config.to_dict()
+        d["vision_config"] = self.vision_config.to_dict()
+        return {"model_type": "llava", "architectures": ["LlavaForConditionalGeneration"],
+                "projector_hidden_act": "gelu", "tie_word_embeddings": False, **d}
+
+
+# ----------------------------------------------------------------------------------------------------
+# 11. Loading llava-hf checkpoints
 
 # Checkpoint key prefix -> our prefix. Our names are what transformers' save_pretrained writes for LLaVA
 # (`language_model.model.*`, `language_model.lm_head.*`, `vision_tower.*`, `multi_modal_projector.*`,
@@ -913,7 +1973,7 @@ def load_llava(path, dtype=torch.float32, device="cpu"):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 6. The tokenizer: Llama byte-fallback BPE in the Hugging Face tokenizer.json format
+# 12. The tokenizer: Llama byte-fallback BPE in the Hugging Face tokenizer.json format
 #
 # The pipeline of `tokenizers`, which we mirror step by step so ids agree with it exactly:
 #   1. added tokens (<s>, <image>, <POSE>, ...) found literally in the text are split out first;
@@ -1377,293 +2437,7 @@ class Tokenizer:
 
 
 # ----------------------------------------------------------------------------------------------------
-# 7. LoRA (Hu et al. 2022)
-#
-# Design: LoRALinear *is* an nn.Linear (a subclass) that adopts the wrapped layer's own weight and bias
-# Parameters. So the state-dict keys of the base stay `...q_proj.weight` / `...q_proj.bias`: a base
-# checkpoint loads into a wrapped model (load_state_dict(strict=False) then reports only the lora_A /
-# lora_B keys as missing), and a merged model has exactly the base's keys. Keeping the base as a child
-# module instead would rename its keys to `...q_proj.base.weight` and need load/save hooks to undo that.
-
-
-class LoRALinear(nn.Linear):
-    """h = W0 x + b + (alpha / r) * B A dropout(x)   (LoRA, Hu et al. 2022, Eq. 3 and Sec. 4.1)
-
-    W0 (d_out, d_in) and b are the frozen base; A (r, d_in) starts like nn.Linear's default
-    (Kaiming-uniform, as the paper's code and peft do) and B (d_out, r) at zero, so at init the layer
-    equals its base exactly. A and B take the base's device and dtype; the adapter runs in the input's
-    dtype. With `disabled` set (see lora_disabled) the layer is just its base.
-    """
-
-    def __init__(self, base: nn.Linear, r: int = 8, alpha: float = 16.0, dropout: float = 0.0):
-        if not isinstance(base, nn.Linear) or isinstance(base, LoRALinear):
-            raise ValueError(f"LoRALinear wraps a plain nn.Linear, got {type(base).__name__}")
-        if r <= 0:
-            raise ValueError(f"LoRA rank r must be positive, got {r}")
-        # built on the meta device: the base's own Parameters replace these at once, nothing is copied
-        super().__init__(base.in_features, base.out_features, bias=base.bias is not None, device="meta")
-        self.weight = base.weight  # (d_out, d_in)
-        self.bias = base.bias  # (d_out,) or None
-        self.weight.requires_grad_(False)
-        if self.bias is not None:
-            self.bias.requires_grad_(False)
-        self.r, self.alpha, self.scale = r, alpha, alpha / r
-        like = dict(device=base.weight.device, dtype=base.weight.dtype)
-        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, **like))  # (r, d_in)
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, **like))  # (d_out, r)
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.disabled = False
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)  # (..., d_out)
-        if self.disabled:
-            return y
-        Ax = F.linear(self.lora_dropout(x), self.lora_A.to(x.dtype))  # (..., r)
-        return y + self.scale * F.linear(Ax, self.lora_B.to(x.dtype))  # (..., d_out)
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, r={self.r}, alpha={self.alpha}"
-
-
-def _replace_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child_name = name.rpartition(".")
-    setattr(root.get_submodule(parent_name), child_name, new)
-
-
-def apply_lora(module: nn.Module, targets=("q_proj", "k_proj", "v_proj", "o_proj"), r: int = 8,
-               alpha: float = 16.0, dropout: float = 0.0) -> list[str]:
-    """Wrap every nn.Linear whose attribute name is in `targets` (at any depth) in a LoRALinear.
-
-    Returns the dotted names of the wrapped layers. In those layers only lora_A / lora_B require grad
-    afterwards; every other parameter of `module` keeps its requires_grad. To train only the adapters
-    (the paper's LLM setting), call module.requires_grad_(False) first and re-enable what else should
-    train (e.g. the projectors and the pose head). Pass the language model, not the whole LLaVA: the
-    CLIP tower's attention also names its layers q_proj / k_proj / v_proj.
-    """
-    found = [(name, m) for name, m in module.named_modules()
-             if name and name.rpartition(".")[2] in targets and isinstance(m, nn.Linear)]
-    wrapped_already = [name for name, m in found if isinstance(m, LoRALinear)]
-    if wrapped_already:
-        raise ValueError(f"apply_lora: {wrapped_already[:4]} already carry LoRA; merge_lora first")
-    if not found:
-        linear_names = sorted({n.rpartition(".")[2] for n, m in module.named_modules()
-                               if isinstance(m, nn.Linear)})
-        raise ValueError(f"apply_lora: no nn.Linear named one of {tuple(targets)} in {type(module).__name__}; "
-                         f"its linear layers are named {linear_names[:12]}")
-    for name, linear in found:
-        _replace_submodule(module, name, LoRALinear(linear, r=r, alpha=alpha, dropout=dropout))
-    return [name for name, _ in found]
-
-
-@torch.no_grad()
-def merge_lora(module: nn.Module) -> list[str]:
-    """Fold each adapter into its base, W0 <- W0 + (alpha / r) B A, and put a plain nn.Linear back.
-
-    The merged model has no LoRA modules, the base's state-dict keys, and the same outputs (up to
-    rounding in the weight dtype). The merged weights stay frozen (requires_grad False). Returns the
-    merged layer names.
-    """
-    layers = [(name, m) for name, m in module.named_modules() if isinstance(m, LoRALinear)]
-    if any(name == "" for name, _ in layers):
-        raise ValueError("merge_lora: pass the module that contains the LoRALinear, not the layer itself")
-    for name, lora in layers:
-        delta = lora.scale * (lora.lora_B.float() @ lora.lora_A.float())  # (d_out, d_in), summed in fp32
-        lora.weight.add_(delta.to(lora.weight.dtype))
-        plain = nn.Linear(lora.in_features, lora.out_features, bias=lora.bias is not None, device="meta")
-        plain.weight, plain.bias = lora.weight, lora.bias
-        _replace_submodule(module, name, plain)
-    return [name for name, _ in layers]
-
-
-@contextlib.contextmanager
-def lora_disabled(module: nn.Module):
-    """Inside this block every LoRALinear in `module` acts as its frozen base: the reference policy
-    pi_ref of RFT without a second copy of the weights. Raises if `module` has no LoRA layer, since a
-    "reference" identical to the policy would silently make the KL term zero."""
-    layers = [m for m in module.modules() if isinstance(m, LoRALinear)]
-    if not layers:
-        raise ValueError("lora_disabled: the module has no LoRA layers "
-                         "(apply_lora first; a merged model has none)")
-    before = [m.disabled for m in layers]
-    for m in layers:
-        m.disabled = True
-    try:
-        yield module
-    finally:
-        for m, state in zip(layers, before):
-            m.disabled = state
-
-
-def lora_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
-    """Only the adapter tensors, keyed as in module.state_dict() (`<layer>.lora_A`, `<layer>.lora_B`),
-    so module.load_state_dict(sd, strict=False) puts them back into a model wrapped the same way."""
-    sd = {}
-    for name, m in module.named_modules():
-        if isinstance(m, LoRALinear):
-            prefix = f"{name}." if name else ""
-            sd[prefix + "lora_A"] = m.lora_A.detach()  # (r, d_in)
-            sd[prefix + "lora_B"] = m.lora_B.detach()  # (d_out, r)
-    return sd
-
-
-# ----------------------------------------------------------------------------------------------------
-# 8. The pose-aware encoder f_b: HMR2.0's ViT-H backbone (Appendix A)
-#
-# HMR2.0 (Goel et al. 2023, 4D-Humans `hmr2/models/backbones/vit.py`) uses the ViTPose layout of a plain
-# ViT: a patch-16 convolution WITH padding 2 (so 256 x 192 pixels give a 16 x 12 grid), no class token,
-# pre-norm blocks with a fused qkv projection, exact GELU, LayerNorm eps 1e-6 and a final `last_norm`.
-# Module and parameter names are those of its checkpoint with the `backbone.` prefix removed.
-
-
-@dataclass
-class PoseViTConfig:
-    """The pose-aware ViT f_b. Defaults are HMR2.0's ViT-H (`vit(cfg)` in 4D-Humans): 256 x 192 input,
-    patch 16, padding 2, width 1280, depth 32, 16 heads, MLP ratio 4, qkv with bias."""
-    image_size: tuple = (256, 192)   # (H, W): HMR2.0 feeds the central 192 columns of its 256 x 256 crop
-    patch_size: int = 16
-    patch_padding: int = 2           # ViTPose: padding = 4 + 2 * (ratio // 2 - 1), with ratio = 1
-    hidden_size: int = 1280          # d_b
-    num_hidden_layers: int = 32
-    num_attention_heads: int = 16
-    mlp_ratio: int = 4
-    layer_norm_eps: float = 1e-6
-    num_channels: int = 3
-
-    def __post_init__(self):
-        self.image_size = tuple(int(s) for s in self.image_size)
-        if len(self.image_size) != 2:
-            raise ValueError(f"PoseViTConfig.image_size={self.image_size}; expected (H, W)")
-        if self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"hidden_size={self.hidden_size} is not a multiple of "
-                             f"num_attention_heads={self.num_attention_heads}")
-        # pos_embed has (H // p) * (W // p) patch rows and is added without interpolation, so the padded
-        # convolution must give exactly that grid (it does for 256 x 192 and for the tiny 64 x 48).
-        H, W = self.image_size
-        if self.grid != (H // self.patch_size, W // self.patch_size):
-            raise ValueError(f"image_size={self.image_size}, patch_size={self.patch_size}, padding="
-                             f"{self.patch_padding} give a {self.grid} patch grid but pos_embed has "
-                             f"{(H // self.patch_size, W // self.patch_size)}; pick sizes where they agree")
-
-    @property
-    def grid(self):
-        """(Hp, Wp), the patch grid the padded convolution produces."""
-        p, pad = self.patch_size, self.patch_padding
-        return tuple((s + 2 * pad - p) // p + 1 for s in self.image_size)
-
-    @property
-    def num_tokens(self):
-        """L_b, the number of pose tokens per image: 16 x 12 = 192 for HMR2.0."""
-        Hp, Wp = self.grid
-        return Hp * Wp
-
-    @classmethod
-    def from_dict(cls, d):
-        return cls(**_known_fields(cls, d))
-
-    def to_dict(self):
-        return {**asdict(self), "image_size": list(self.image_size)}
-
-
-class PatchEmbed(nn.Module):
-    """16 x 16 patches of the image zero-padded by 2 pixels on each side (ViTPose's PatchEmbed: kernel 16,
-    stride 16, padding 2), so the grid starts 2 pixels before the image and 256 x 192 gives 16 x 12."""
-
-    def __init__(self, config):
-        super().__init__()
-        c = config
-        self.proj = nn.Conv2d(c.num_channels, c.hidden_size, c.patch_size, c.patch_size, padding=c.patch_padding)
-
-    def forward(self, pixels):
-        x = self.proj(pixels.to(self.proj.weight.dtype))  # (N, D, Hp, Wp)
-        return x.flatten(2).transpose(1, 2)  # (N, Hp*Wp, D), row-major over the grid
-
-
-class PoseViTAttention(nn.Module):
-    """Bidirectional multi-head attention with one fused qkv projection (scale head_dim^-0.5)."""
-
-    def __init__(self, config):
-        super().__init__()
-        D = config.hidden_size
-        self.n_head = config.num_attention_heads
-        self.qkv = nn.Linear(D, 3 * D, bias=True)
-        self.proj = nn.Linear(D, D)
-
-    def forward(self, x):
-        N, L, D = x.shape
-        # the fused output is laid out [q | k | v], each split into heads: (N, L, 3, nh, hs)
-        qkv = self.qkv(x).view(N, L, 3, self.n_head, D // self.n_head).permute(2, 0, 3, 1, 4)  # (3, N, nh, L, hs)
-        y = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # (N, nh, L, hs)
-        return self.proj(y.transpose(1, 2).reshape(N, L, D))  # (N, L, D)
-
-
-class PoseViTMLP(nn.Module):
-    """fc2(gelu(fc1(x))) with the exact (erf) GELU of nn.GELU."""
-
-    def __init__(self, config):
-        super().__init__()
-        D = config.hidden_size
-        self.fc1 = nn.Linear(D, config.mlp_ratio * D)
-        self.fc2 = nn.Linear(config.mlp_ratio * D, D)
-
-    def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x)))  # (N, L, D)
-
-
-class PoseViTBlock(nn.Module):
-    """Pre-LayerNorm block: x + attn(norm1(x)), then x + mlp(norm2(x)). (Drop-path is training-only.)"""
-
-    def __init__(self, config):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.attn = PoseViTAttention(config)
-        self.norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.mlp = PoseViTMLP(config)
-
-    def forward(self, x):
-        x = x + self.attn(self.norm1(x))  # (N, L, D)
-        return x + self.mlp(self.norm2(x))  # (N, L, D)
-
-
-class PoseViT(nn.Module):
-    """f_b of Appendix A: v_b = f_b(x), one token per patch of the HMR2.0-style person crop."""
-
-    def __init__(self, config):
-        super().__init__()
-        self.config = config
-        H, W = config.image_size
-        n_patches = (H // config.patch_size) * (W // config.patch_size)
-        self.patch_embed = PatchEmbed(config)
-        # One row more than there are patches: ViTPose keeps the position table of its class-token
-        # pretraining although it has no class token, and adds that extra row to every patch (forward).
-        self.pos_embed = nn.Parameter(torch.zeros(1, n_patches + 1, config.hidden_size))  # (1, P+1, D)
-        self.blocks = nn.ModuleList(PoseViTBlock(config) for _ in range(config.num_hidden_layers))
-        self.last_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.apply(self._init_weights)
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
-
-    @staticmethod
-    def _init_weights(module):
-        """N(0, 0.02) weights and zero biases (the tiny preset trains from scratch; HMR2.0's file overwrites it)."""
-        if isinstance(module, (nn.Linear, nn.Conv2d)):
-            nn.init.normal_(module.weight, std=0.02)
-            nn.init.zeros_(module.bias)
-
-    def forward(self, pixels):
-        """pixels (N, 3, H, W), ImageNet-normalised (data.pose_vit_preprocess) -> v_b (N, L_b, d_b), the
-        Hp x Wp grid flattened row-major, after last_norm."""
-        c = self.config
-        if pixels.ndim != 4 or tuple(pixels.shape[1:]) != (c.num_channels, *c.image_size):
-            raise ValueError(f"pose ViT pixels have shape {tuple(pixels.shape)}; expected (N, {c.num_channels}, "
-                             f"{c.image_size[0]}, {c.image_size[1]})")
-        x = self.patch_embed(pixels)  # (N, L_b, D)
-        x = x + self.pos_embed[:, 1:] + self.pos_embed[:, :1]  # (N, L_b, D)
-        for block in self.blocks:
-            x = block(x)  # (N, L_b, D)
-        return self.last_norm(x)  # (N, L_b, D)
-
-
-# --- reading HMR2.0's checkpoint without running pickled code
+# 13. Reading HMR2.0's checkpoint without running pickled code
 #
 # HMR2.0 is released as a PyTorch Lightning checkpoint (`logs/train/multiruns/hmr2/0/checkpoints/
 # epoch=35-step=1000000.ckpt` in 4D-Humans' hmr2_data.tar.gz): a pickled dict whose `state_dict` holds the
@@ -1823,757 +2597,7 @@ def load_pose_encoder(path, config=None, dtype=torch.float32, device="cpu"):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 9. The Gaussian pose head: the continuous policy pi_theta(p | q, a) of Eq. 2
-#
-# The pose action p is 24 joint rotations (SMPL: global orient + 23 body joints) in the 6-D representation
-# of Zhou et al. (the first two columns of each rotation matrix, column 0 then column 1; smpl.py), so
-# D = 24 x 6 = 144 numbers. Any 6 numbers map to a proper rotation by Gram-Schmidt, so a Gaussian over
-# them is a valid policy over poses.
-#
-# The covariance is DIAGONAL (one log-std per dimension), not Eq. 2's full Sigma_theta: a full covariance
-# over 144 dimensions would need 144 * 145 / 2 = 10440 outputs and a Cholesky factor per sample, while
-# what the paper's policy needs, sampling, log-densities for the ratio r_c and an entropy, are O(D) sums
-# over independent dimensions (as in continuous PPO policies). Correlations between joints are then
-# carried only by the mean (hygrpo.py, departure 6).
-
-POSE_DIM = smpl.NUM_JOINTS * 6  # D = 144
-
-
-def pose_to_matrices(p):
-    """rot6d pose (B, 144) -> rotation matrices (B, 24, 3, 3), by Gram-Schmidt (smpl.rot6d_to_matrix)."""
-    return smpl.rot6d_to_matrix(p.reshape(*p.shape[:-1], smpl.NUM_JOINTS, 6))  # (B, 24, 3, 3)
-
-
-def pose_to_rot6d(axis_angle):
-    """An SMPL pose in axis-angle (B, 24, 3), as data.py gives it -> the head's rot6d layout (B, 144):
-    joint-major, each joint's column 0 then column 1. The SFT target of the pose head."""
-    R = smpl.axis_angle_to_matrix(axis_angle)  # (B, 24, 3, 3)
-    return smpl.matrix_to_rot6d(R).flatten(-2)  # (B, 144)
-
-
-@dataclass
-class PoseGaussian:
-    """pi_theta(p | q, a) = N(p; mu, diag(exp(log_std)^2)) for a batch of B states (Eq. 2, diagonal)."""
-    mu: torch.Tensor       # (B, 144) rot6d mean
-    log_std: torch.Tensor  # (B, 144)
-
-    def sample(self, generator=None):
-        """p = mu + std * eps, eps ~ N(0, I). -> (B, 144)"""
-        eps = torch.randn(self.mu.shape, generator=generator, device=self.mu.device, dtype=self.mu.dtype)  # (B, 144)
-        return self.mu + torch.exp(self.log_std) * eps  # (B, 144)
-
-    def log_prob(self, p):
-        """log pi_theta(p | q, a), summed over the 144 dimensions. p (B, 144) -> (B,)"""
-        return hygrpo.gaussian_log_prob(p, self.mu, self.log_std)  # (B,)
-
-    def entropy(self):
-        """Closed-form entropy of the diagonal Gaussian. -> (B,)"""
-        return hygrpo.gaussian_entropy(self.log_std)  # (B,)
-
-
-class GaussianPoseHead(nn.Module):
-    """The continuous pose head of Eq. 2: an MLP on the last-layer hidden state at the `<POSE>` token
-    -> (mu, log_std) over 24 x rot6d.
-
-    Initialisation: the mean layer has zero weights and the identity rotation [1,0,0, 0,1,0] per joint
-    as its bias, so the untrained head predicts the rest pose for every input (its first update moves
-    only that layer, like LoRA's zero B). log_std = log_std_min + (log_std_max - log_std_min) *
-    sigmoid(raw): smooth and bounded. The default range [-5, 0]: rot6d entries lie in [-1, 1], so a std
-    above 1 (log_std 0) spreads samples over every rotation and says nothing; the floor std = e^-5 ~ 0.007
-    keeps the ratio r_c = pi_theta / pi_old finite when a sample sits many stds from a shifted mean, and
-    keeps some exploration alive in RFT. The raw output starts at log_std = log_std_init.
-
-    deterministic=True is the "Baseline" row of Table 3 (no distributional modelling): the head predicts
-    the mean only and log_std is the constant log_std_init. Its negative log-likelihood is then a scaled
-    MSE, 0.5 * |p - mu|^2 / sigma^2 + const, and sampling (if RFT is run on it) explores with that
-    fixed std.
-    """
-
-    def __init__(self, d, hidden, log_std_min=-5.0, log_std_max=0.0, log_std_init=-1.0, deterministic=False,
-                 device=None):
-        super().__init__()
-        if not log_std_min < log_std_init < log_std_max:
-            raise ValueError(f"need log_std_min < log_std_init < log_std_max, got {log_std_min}, "
-                             f"{log_std_init}, {log_std_max}")
-        self.log_std_min, self.log_std_max, self.log_std_init = log_std_min, log_std_max, log_std_init
-        self.deterministic = deterministic
-        self.fc1 = nn.Linear(d, hidden, device=device)
-        self.fc2 = nn.Linear(hidden, hidden, device=device)
-        self.to_mu = nn.Linear(hidden, POSE_DIM, device=device)
-        self.to_log_std = None if deterministic else nn.Linear(hidden, POSE_DIM, device=device)
-        with torch.no_grad():
-            for layer in (self.fc1, self.fc2):
-                nn.init.normal_(layer.weight, std=0.02)
-                nn.init.zeros_(layer.bias)
-            identity = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 0.0], device=device)  # (6,) rot6d of I
-            nn.init.zeros_(self.to_mu.weight)
-            self.to_mu.bias.copy_(identity.repeat(smpl.NUM_JOINTS))  # (144,)
-            if self.to_log_std is not None:
-                fraction = (log_std_init - log_std_min) / (log_std_max - log_std_min)
-                nn.init.zeros_(self.to_log_std.weight)
-                nn.init.constant_(self.to_log_std.bias, math.log(fraction / (1 - fraction)))  # sigmoid^-1
-
-    def forward(self, h):
-        """h (B, d), the hidden state at each row's `<POSE>` -> PoseGaussian with mu, log_std (B, 144),
-        float32 whatever the autocast: under bf16 autocast the layers would give mu and log_std with 8
-        significant bits, and the 144-d log-density built from them would be off by whole nats (r_c, the
-        pose KL and Delta_hat's gradient with it). The head's weights are float32 (trained tensors are)."""
-        device_type = h.device.type if h.device.type in ("cpu", "cuda") else "cpu"
-        with torch.autocast(device_type, enabled=False):
-            z = F.gelu(self.fc2(F.gelu(self.fc1(h.to(self.fc1.weight.dtype)))))  # (B, hidden)
-            mu = self.to_mu(z)  # (B, 144)
-            if self.deterministic:
-                log_std = torch.full_like(mu, self.log_std_init)  # (B, 144)
-            else:
-                span = self.log_std_max - self.log_std_min
-                log_std = self.log_std_min + span * torch.sigmoid(self.to_log_std(z))  # (B, 144)
-        return PoseGaussian(mu=mu, log_std=log_std)
-
-
-# ----------------------------------------------------------------------------------------------------
-# 10. PoseLLaVA: the policy pi_theta(a, p | q) = pi_theta(a | q) pi_theta(p | q, a) of Eq. 1
-
-IMAGE_TOKEN = "<image>"  # the same strings as data.IMAGE_TOKEN / data.POSE_TOKEN
-POSE_TOKEN = "<POSE>"
-PRESETS = ("tiny", "llava-1.5-7b")
-
-# The config.json of llava-hf/llava-1.5-7b-hf (fields left out take transformers' defaults, see LlavaConfig).
-LLAVA_15_7B_CONFIG = {
-    "image_token_index": 32000, "pad_token_id": 32001, "projector_hidden_act": "gelu",
-    "vision_feature_layer": -2, "vision_feature_select_strategy": "default",
-    "text_config": {"max_position_embeddings": 4096, "rms_norm_eps": 1e-05, "vocab_size": 32064},
-    "vision_config": {"hidden_size": 1024, "image_size": 336, "intermediate_size": 4096, "num_attention_heads": 16,
-                      "num_hidden_layers": 24, "patch_size": 14},
-}
-
-
-class EmbeddingWithNewToken(nn.Embedding):
-    """embed_tokens whose row for one new token (`<POSE>`) is a separate Parameter, `new_row`.
-
-    Why: in the 7B preset the LLM is frozen except LoRA, yet the model has to learn to READ `<POSE>`. A
-    separate (d,) parameter spliced in at that id trains just that row; training the whole table with its
-    other rows' gradients masked would still hand all 32k rows to the optimizer (weight decay, moments)
-    and to the checkpoint. The base table keeps its key (`embed_tokens.weight`), so a base checkpoint
-    loads as before; its own row at the new id is simply never read.
-    """
-
-    def __init__(self, base, token_id):
-        super().__init__(base.num_embeddings, base.embedding_dim, device="meta")
-        self.weight = base.weight  # (V, d), the frozen table
-        self.token_id = token_id
-        self.new_row = nn.Parameter(_mean_of_other_rows(base.weight, token_id))  # (d,)
-
-    def forward(self, ids):
-        x = F.embedding(ids, self.weight)  # (B, T, d)
-        return torch.where((ids == self.token_id)[..., None], self.new_row.to(x.dtype), x)  # (B, T, d)
-
-    def extra_repr(self):
-        return f"{super().extra_repr()}, new token {self.token_id}"
-
-
-class LMHeadWithNewToken(nn.Linear):
-    """lm_head whose output row for one new token (`<POSE>`) is a separate Parameter, `new_row`, so that
-    the frozen model can learn to EMIT `<POSE>` (see EmbeddingWithNewToken for why a separate row)."""
-
-    def __init__(self, base, token_id):
-        if base.bias is not None:
-            raise ValueError("LMHeadWithNewToken expects Llama's bias-free lm_head")
-        super().__init__(base.in_features, base.out_features, bias=False, device="meta")
-        self.weight = base.weight  # (V, d), frozen
-        self.token_id = token_id
-        self.new_row = nn.Parameter(_mean_of_other_rows(base.weight, token_id))  # (d,)
-
-    def forward(self, h):
-        logits = F.linear(h, self.weight)  # (..., V)
-        new_logit = F.linear(h, self.new_row.to(h.dtype)[None])  # (..., 1)
-        i = self.token_id
-        return torch.cat([logits[..., :i], new_logit, logits[..., i + 1:]], dim=-1)  # (..., V)
-
-    def extra_repr(self):
-        return f"{super().extra_repr()}, new token {self.token_id}"
-
-
-@torch.no_grad()
-def _mean_of_other_rows(weight, token_id):
-    """The mean of every row but `token_id`, in float32: the usual start for a new token's embedding and
-    output rows (Hewitt 2021). A random row would have the wrong scale; the mean sits among the real words,
-    and as an output row it gives the new token the average logit, so adding it barely changes the model's
-    distribution over the old tokens (and the new token starts neither certain nor impossible)."""
-    V = weight.shape[0]
-    total = weight.sum(0, dtype=torch.float32)  # (d,)
-    if token_id < V:
-        total = total - weight[token_id].float()
-        V = V - 1
-    return total / V  # (d,)
-
-
-@torch.no_grad()
-def _grow_vocabulary(embed, lm_head, n_rows):
-    """embed_tokens and lm_head with n_rows rows: the old rows copied, the new ones the mean of the old
-    (for ids the tokenizer gives beyond the table; llava-hf's 32064 rows already cover <POSE> = 32002)."""
-    V, d = embed.weight.shape
-    like = dict(device=embed.weight.device, dtype=embed.weight.dtype)
-    new_embed = nn.Embedding(n_rows, d, **like)
-    new_head = nn.Linear(d, n_rows, bias=False, **like)
-    for new, old in ((new_embed, embed), (new_head, lm_head)):
-        new.weight[:V] = old.weight
-        new.weight[V:] = old.weight.float().mean(0).to(old.weight.dtype)
-    return new_embed, new_head
-
-
-@dataclass
-class PoseLLaVAConfig:
-    """Everything that shapes the policy; stored with every checkpoint. Build one with `from_preset`.
-
-    preset "tiny" trains from scratch on PoseWorld (no pretrained weights exist for it, so SFT trains
-    everything); "llava-1.5-7b" is the paper's setting (Sec. 4.1): LLaVA-1.5-7B + HMR2.0's ViT-H, the
-    encoders frozen, W_a, W_b, the pose head, the <POSE> rows and LoRA on the LLM trained.
-    """
-    preset: str
-    llava: LlavaConfig                  # f_a (CLIP), W_a (LLaVA's projector) and the Llama decoder
-    pose_vit: PoseViTConfig             # f_b
-    pose_token_id: int                  # the id of <POSE> in the tokenizer (32002 for llava-hf's)
-    head_hidden: int = 1024             # width of the pose head's MLP
-    deterministic: bool = False         # True: Table 3's "Baseline", a mean-only pose head
-    log_std_min: float = -5.0           # bounds of the pose head's log-std (see GaussianPoseHead)
-    log_std_max: float = 0.0
-    log_std_init: float = -1.0          # starting log-std; the fixed one when deterministic
-    lora_r: int = 8                     # LoRA on the LLM's attention projections
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
-    lora_targets: tuple = ("q_proj", "k_proj", "v_proj", "o_proj")
-    llava_path: str | None = None       # llava-1.5-7b: llava-hf/llava-1.5-7b-hf folder (safetensors)
-    pose_encoder_path: str | None = None  # llava-1.5-7b: HMR2.0 checkpoint (.ckpt) or backbone .safetensors
-    smpl_path: str | None = None        # the SMPL model file the rewards and losses use (not read here)
-
-    def __post_init__(self):
-        if self.preset not in PRESETS:
-            raise ValueError(f"preset={self.preset!r}; expected one of {PRESETS}")
-        self.lora_targets = tuple(self.lora_targets)
-
-    @property
-    def clip_size(self):
-        """Side of the square CLIP input (data.collate's clip_size)."""
-        return self.llava.vision_config.image_size
-
-    @property
-    def pose_size(self):
-        """(H, W) of the pose-ViT input (data.collate's pose_size)."""
-        return self.pose_vit.image_size
-
-    @property
-    def n_image_tokens(self):
-        """Image tokens per image in a prompt: L_a CLIP tokens then L_b pose tokens (576 + 192 for 7B)."""
-        return self.llava.num_image_tokens + self.pose_vit.num_tokens
-
-    @classmethod
-    def from_preset(cls, name="tiny", tokenizer=None, **overrides):
-        """The `tiny` or `llava-1.5-7b` config. The token ids come from `tokenizer` (required for tiny,
-        whose vocabulary is a BPE trained on PoseWorld; optional for 7B, whose llava-hf ids are known);
-        `<POSE>` is added to the tokenizer if it lacks it. Overrides: any field, and for tiny the sizes
-        of `_tiny_config`. llava-1.5-7b reads its sizes from the files when their paths are given:
-        llava_path/config.json (read_llava_config) and the shapes in pose_encoder_path (read_pose_vit_config;
-        `pose_vit={...}` sets what shapes cannot tell, such as the number of heads)."""
-        if name == "tiny":
-            if tokenizer is None:
-                raise ValueError("the tiny preset takes its vocabulary from a tokenizer "
-                                 "(Tokenizer.train_bpe on PoseWorld text); pass tokenizer=")
-            return _tiny_config(tokenizer, **overrides)
-        if name == "llava-1.5-7b":
-            # The sizes come from the files the user has (so LLaVA-1.5-13B, or a smaller test model, works
-            # unchanged); without them, the published 7B / ViT-H ones (the weightless `meta` dry run).
-            llava_path, pose_path = overrides.get("llava_path"), overrides.get("pose_encoder_path")
-            llava = read_llava_config(llava_path) if llava_path else LlavaConfig.from_dict(LLAVA_15_7B_CONFIG)
-            pose_vit = overrides.pop("pose_vit", None) or {}  # a PoseViTConfig, or fields to set
-            if not isinstance(pose_vit, PoseViTConfig):
-                pose_vit = read_pose_vit_config(pose_path, **pose_vit) if pose_path else PoseViTConfig(**pose_vit)
-            config = cls(preset=name, llava=llava, pose_vit=pose_vit, pose_token_id=32002, **overrides)
-            if tokenizer is not None:
-                ids = _token_ids(tokenizer)
-                if ids["image"] != config.llava.image_token_index:
-                    raise ValueError(f"the tokenizer's {IMAGE_TOKEN} is {ids['image']}, LLaVA-1.5's is "
-                                     f"{config.llava.image_token_index}: use llava-hf's tokenizer.json")
-                config.pose_token_id = ids["pose"]
-            return config
-        raise ValueError(f"unknown preset {name!r}; expected one of {PRESETS}")
-
-    @classmethod
-    def from_dict(cls, d):
-        kwargs = _known_fields(cls, d)
-        kwargs["llava"] = LlavaConfig.from_dict(d["llava"])
-        kwargs["pose_vit"] = PoseViTConfig.from_dict(d["pose_vit"])
-        return cls(**kwargs)
-
-    def to_dict(self):
-        d = {f.name: getattr(self, f.name) for f in fields(self)}
-        d.update(llava=self.llava.to_dict(), pose_vit=self.pose_vit.to_dict(), lora_targets=list(self.lora_targets))
-        return d
-
-
-def _token_ids(tokenizer):
-    """The special-token ids the model needs, adding <POSE> to the tokenizer when it is missing."""
-    image = tokenizer.token_to_id(IMAGE_TOKEN)
-    if image is None:
-        raise ValueError(f"the tokenizer has no {IMAGE_TOKEN} token")
-    pose = tokenizer.add_special_tokens([POSE_TOKEN])[0]
-    return {"image": image, "pose": pose, "bos": tokenizer.bos_id, "eos": tokenizer.eos_id,
-            "pad": tokenizer.pad_id}
-
-
-def _tiny_config(tokenizer, llm_hidden=128, llm_layers=4, llm_heads=4, llm_kv_heads=2, llm_mlp=344,
-                 clip_image_size=64, clip_patch_size=16, clip_hidden=96, clip_layers=3, clip_heads=4,
-                 pose_image_size=(64, 48), pose_hidden=96, pose_layers=3, pose_heads=4, head_hidden=256,
-                 **fields_):
-    """The tiny preset, sized for a 2-core CPU: a 4-layer Llama of width 128, a CLIP tower on 64 x 64
-    images (4 x 4 = 16 tokens, of which LLaVA's second-to-last layer is read) and a pose ViT on 64 x 48
-    crops (patch 16, padding 2: 4 x 3 = 12 tokens), both of width 96. Every size is an argument."""
-    ids = _token_ids(tokenizer)
-    vocab_size = max(tokenizer.vocab_size, ids["pose"] + 1, ids["image"] + 1)
-    text = LlamaConfig(vocab_size=vocab_size, hidden_size=llm_hidden, intermediate_size=llm_mlp,
-                       num_hidden_layers=llm_layers, num_attention_heads=llm_heads, num_key_value_heads=llm_kv_heads,
-                       max_position_embeddings=1024, rms_norm_eps=1e-5, bos_token_id=ids["bos"],
-                       eos_token_id=ids["eos"], pad_token_id=ids["pad"])
-    vision = CLIPVisionConfig(hidden_size=clip_hidden, intermediate_size=4 * clip_hidden, num_hidden_layers=clip_layers,
-                              num_attention_heads=clip_heads, image_size=clip_image_size, patch_size=clip_patch_size)
-    llava = LlavaConfig(text_config=text, vision_config=vision, image_token_index=ids["image"], pad_token_id=ids["pad"])
-    pose_vit = PoseViTConfig(image_size=pose_image_size, hidden_size=pose_hidden, num_hidden_layers=pose_layers,
-                             num_attention_heads=pose_heads)
-    return PoseLLaVAConfig(preset="tiny", llava=llava, pose_vit=pose_vit, pose_token_id=ids["pose"],
-                           head_hidden=head_hidden, **fields_)
-
-
-def _flatten(d, prefix=""):
-    """{"a": {"b": 1}} -> {"a.b": 1}"""
-    out = {}
-    for key, value in d.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[prefix + key] = value
-    return out
-
-
-def _config_differences(have, want):
-    """'field: have vs want' for each field of the (possibly partial) dict `want` that `have` sets
-    differently. Fields ending in _path say where weights are, not what the network is: not compared."""
-    have, want = _flatten(have), _flatten(want)
-    return [f"{k}: {have.get(k, '<absent>')!r} vs {v!r}" for k, v in sorted(want.items())
-            if not k.endswith("_path") and have.get(k, "<absent>") != v]
-
-
-@dataclass
-class PoseLLaVAOutput:
-    logits: torch.Tensor          # (B, T, V): logits[:, t] scores the token at t + 1
-    hidden_states: torch.Tensor   # (B, T, d): last layer, after the final norm
-    pose: PoseGaussian            # (B, 144) mu and log_std at each row's <POSE>; meaningless where not found
-    found: torch.Tensor           # (B,) bool: the row has a <POSE> (in its answer, if answer_mask was given)
-    pose_position: torch.Tensor   # (B,) long: the column of that first <POSE> (0 where none)
-
-
-def _requires_grad(module):
-    return any(p.requires_grad for p in module.parameters())
-
-
-class PoseLLaVA(nn.Module):
-    """The pose-specific MLLM of Sec. 3.1: pi_theta(a, p | q) = pi_theta(a | q) pi_theta(p | q, a) (Eq. 1;
-    Eq. 12 writes the same as pi_d(a | q) pi_c(p | q, a)).
-
-    The state: each image enters the prompt as L_a CLIP tokens W_a f_a(x) followed by L_b pose tokens
-    W_b f_b(x) (Appendix A, Eq. 11), in the slots of its L_a + L_b `<image>` tokens. The discrete policy
-    pi(a | q) is the LLM's next-token distribution; the continuous policy pi(p | q, a) is the Gaussian pose
-    head on the last hidden state at the `<POSE>` token of the answer a (computed with `<POSE>` as the input
-    token, as Llava.generate captures it).
-
-    Parts: `llava` (f_a = llava.vision_tower, W_a = llava.multi_modal_projector, the Llama decoder with LoRA
-    on its attention and the `<POSE>` rows spliced into embed_tokens / lm_head), `pose_encoder` (f_b),
-    `pose_projector` (W_b), `pose_head`. Pass `llava` / `pose_encoder` to use loaded (pretrained) ones;
-    otherwise they are built from the config with random weights (the tiny preset). The trained tensors
-    are kept in float32 whatever the dtype of the frozen base: AdamW steps of lr 1e-6 (Table 4) on bf16
-    weights would round to nothing.
-    """
-
-    def __init__(self, config, llava=None, pose_encoder=None):
-        super().__init__()
-        self.config = config
-        for name, given, want in (("llava", llava, config.llava), ("pose_encoder", pose_encoder, config.pose_vit)):
-            if given is not None and given.config.to_dict() != want.to_dict():
-                raise ValueError(f"the given {name} was built from another config than PoseLLaVAConfig.{name}: "
-                                 + "; ".join(_config_differences(given.config.to_dict(), want.to_dict())))
-        self.llava = llava if llava is not None else Llava(config.llava)
-        self.pose_encoder = pose_encoder if pose_encoder is not None else PoseViT(config.pose_vit)  # f_b
-        device = self.llava.language_model.lm_head.weight.device
-        d, d_b = config.llava.text_config.hidden_size, config.pose_vit.hidden_size
-        # Eq. 11. W_a is LLaVA-1.5's pretrained 2-layer GELU projector (llava.multi_modal_projector): the
-        # paper writes W_a as a linear map, but replacing LLaVA's trained MLP by a fresh linear layer would
-        # throw away its CLIP-to-language alignment, which the paper builds on (Sec. 3.1). W_b is new:
-        # HMR2.0's features have never been aligned to the LLM.
-        self.pose_projector = nn.Linear(d_b, d, device=device)  # W_b
-        with torch.no_grad():
-            nn.init.normal_(self.pose_projector.weight, std=0.02)
-            nn.init.zeros_(self.pose_projector.bias)
-        self.pose_head = GaussianPoseHead(d, config.head_hidden, config.log_std_min, config.log_std_max,
-                                          config.log_std_init, config.deterministic, device=device)
-        self._splice_pose_token()
-        apply_lora(self.llava.language_model, config.lora_targets, config.lora_r, config.lora_alpha,
-                   config.lora_dropout)
-        trained = set(self.trained_names("rft"))
-        with torch.no_grad():
-            for name, p in self.named_parameters():
-                if name in trained:
-                    p.data = p.data.float()
-        self._reference = None  # name -> frozen copy, set by freeze_reference()
-        self.set_trainable("sft")
-
-    @classmethod
-    def from_preset(cls, name="tiny", tokenizer=None, device="cpu", dtype=torch.float32, **overrides):
-        """build_pose_llava(PoseLLaVAConfig.from_preset(name, tokenizer, **overrides), device, dtype)."""
-        return build_pose_llava(PoseLLaVAConfig.from_preset(name, tokenizer, **overrides), device, dtype)
-
-    def _splice_pose_token(self):
-        """Give `<POSE>` its own trainable rows in embed_tokens and lm_head, growing both tables first when
-        the tokenizer's id lies beyond them."""
-        lm, pose_id = self.llava.language_model, self.config.pose_token_id
-        embed, head = lm.model.embed_tokens, lm.lm_head
-        if pose_id >= embed.num_embeddings:
-            embed, head = _grow_vocabulary(embed, head, pose_id + 1)
-        lm.model.embed_tokens = EmbeddingWithNewToken(embed, pose_id)
-        lm.lm_head = LMHeadWithNewToken(head, pose_id)
-
-    @property
-    def n_image_tokens(self):
-        return self.config.n_image_tokens
-
-    # --- the state: token-level fusion of the two encoders (Appendix A, Eq. 11)
-
-    def encode_images(self, clip_pixels, pose_pixels):
-        """v_a = f_a(x) (CLIP, LLaVA's feature layer) and v_b = f_b(x) (pose ViT) of the same n images,
-        each preprocessed for its encoder (data.clip_preprocess / data.pose_vit_preprocess).
-        -> v_a (n, L_a, d_a), v_b (n, L_b, d_b). A frozen encoder runs without building a graph."""
-        if pose_pixels is None or clip_pixels.shape[0] != pose_pixels.shape[0]:
-            shape = None if pose_pixels is None else tuple(pose_pixels.shape)
-            raise ValueError(f"clip_pixels {tuple(clip_pixels.shape)} and pose_pixels {shape} must hold the same "
-                             "images, each preprocessed for its encoder")
-        grad = torch.is_grad_enabled()
-        with torch.set_grad_enabled(grad and _requires_grad(self.llava.vision_tower)):
-            v_a = self.llava.vision_features(clip_pixels)  # (n, L_a, d_a)
-        with torch.set_grad_enabled(grad and _requires_grad(self.pose_encoder)):
-            v_b = self.pose_encoder(pose_pixels)  # (n, L_b, d_b)
-        return v_a, v_b
-
-    def project(self, v_a, v_b):
-        """Eq. 11 and the token-level fusion: cat([W_a v_a, W_b v_b], dim=1) -> (n, L_a + L_b, d).
-
-        UniPose instead concatenates v_a and v_b along the channels and applies one projection
-        W in R^{(d_a + d_b) x d}. That pairs CLIP's patch i with the pose ViT's patch i, but the two
-        encoders see different crops and resolutions (CLIP a 336 x 336 square, HMR2.0 the central 256 x 192
-        of its crop), so the pairs do not cover the same pixels. Projecting each sequence on its own and
-        giving the LLM both as separate tokens avoids that misalignment and keeps each encoder's
-        representation intact (Appendix A).
-        """
-        W_a, W_b = self.llava.multi_modal_projector, self.pose_projector
-        v_a_proj = W_a(v_a.to(W_a.linear_1.weight.dtype))  # (n, L_a, d) v'_a
-        v_b_proj = W_b(v_b.to(W_b.weight.dtype))  # (n, L_b, d) v'_b
-        return torch.cat([v_a_proj, v_b_proj], dim=1)  # (n, L_a + L_b, d)
-
-    def visual_tokens(self, clip_pixels, pose_pixels):
-        """The visual tokens of n images, (n, L_a + L_b, d): what fills their `<image>` slots."""
-        return self.project(*self.encode_images(clip_pixels, pose_pixels))  # (n, L_a + L_b, d)
-
-    def embed(self, input_ids, visual=None):
-        """Word embeddings of input_ids (B, T) with the `<image>` slots filled by `visual` (n, L_a + L_b, d),
-        in reading order. -> (B, T, d)"""
-        n_slots = int((input_ids == self.config.llava.image_token_index).sum())
-        n_images = 0 if visual is None else visual.shape[0]
-        if n_slots != n_images * self.n_image_tokens:
-            raise ValueError(f"the prompts hold {n_slots} image tokens for {n_images} images; each image needs "
-                             f"{self.n_image_tokens} = {self.config.llava.num_image_tokens} CLIP + "
-                             f"{self.config.pose_vit.num_tokens} pose tokens (collate with n_image_tokens="
-                             f"{self.n_image_tokens})")
-        return self.llava.embed(input_ids, visual)  # (B, T, d)
-
-    # --- the policy
-
-    def pose_positions(self, input_ids, answer_mask=None):
-        """The column of each row's first `<POSE>` (within answer_mask, if given) and whether there is one.
-        input_ids (B, T) -> position (B,) long, 0 where none; found (B,) bool."""
-        is_pose = input_ids == self.config.pose_token_id  # (B, T)
-        if answer_mask is not None:
-            is_pose = is_pose & answer_mask.bool()
-        return is_pose.int().argmax(-1), is_pose.any(-1)  # (B,), (B,) argmax: the first maximum
-
-    def forward(self, input_ids, attention_mask=None, clip_pixels=None, pose_pixels=None, answer_mask=None):
-        """Teacher-forced pass (SFT, evaluation): logits of every position and the pose Gaussian at the
-        first `<POSE>` of each row.
-
-        input_ids (B, T) with n * (L_a + L_b) image tokens, attention_mask (B, T) (1 = real token),
-        clip_pixels (n, 3, S, S) and pose_pixels (n, 3, H, W) for the n images in reading order (None when
-        no row has an image); answer_mask (B, T) bool marks the answer tokens (SFT: labels != -100), so a
-        `<POSE>` written in a prompt is not read. Returns a PoseLLaVAOutput.
-        """
-        visual = None
-        if clip_pixels is not None and clip_pixels.shape[0] > 0:
-            visual = self.visual_tokens(clip_pixels, pose_pixels)  # (n, L_a + L_b, d)
-        x = self.embed(input_ids, visual)  # (B, T, d)
-        out = self.llava(inputs_embeds=x, attention_mask=attention_mask)
-        position, found = self.pose_positions(input_ids, answer_mask)  # (B,), (B,)
-        rows = torch.arange(input_ids.shape[0], device=input_ids.device)  # (B,)
-        h_pose = out.hidden_states[rows, position]  # (B, d)
-        return PoseLLaVAOutput(logits=out.logits, hidden_states=out.hidden_states, pose=self.pose_head(h_pose),
-                               found=found, pose_position=position)
-
-    # --- what trains in each stage
-
-    def trained_names(self, stage):
-        """Names of the parameters trained in `stage` ("sft" or "rft"), following Sec. 4.1.
-
-        llava-1.5-7b, both stages: LoRA adapters, W_a, W_b, the pose head and the two `<POSE>` rows; the
-        encoders f_a, f_b and the LLM's own weights stay frozen.
-        tiny SFT: everything (no pretrained weights exist) except the LoRA adapters, which would only
-        duplicate the full weights; they stay at B = 0, so the SFT model is the plain network.
-        tiny RFT: the same small set as 7B. The whole tiny model could train, but the paper's setting
-        (adapters + heads on a frozen LLM) is what the tiny run is a miniature of, and it keeps the
-        reference policy a copy of a few small tensors.
-        """
-        if stage not in ("sft", "rft"):
-            raise ValueError(f"stage={stage!r}; expected 'sft' or 'rft'")
-        names = [n for n, _ in self.named_parameters()]
-        is_lora = [n.endswith((".lora_A", ".lora_B")) for n in names]
-        if self.config.preset == "tiny" and stage == "sft":
-            return [n for n, lora in zip(names, is_lora) if not lora]
-        heads = ("llava.multi_modal_projector.", "pose_projector.", "pose_head.")
-        return [n for n, lora in zip(names, is_lora) if lora or n.startswith(heads) or n.endswith(".new_row")]
-
-    def set_trainable(self, stage):
-        """requires_grad on exactly the parameters of trained_names(stage); returns how many numbers train."""
-        trained = set(self.trained_names(stage))
-        for name, p in self.named_parameters():
-            p.requires_grad_(name in trained)
-        return sum(p.numel() for p in self.parameters() if p.requires_grad)
-
-    # --- the reference policy pi_ref
-
-    @torch.no_grad()
-    def freeze_reference(self):
-        """Copy the RFT-trained tensors (trained_names("rft"): LoRA adapters, W_a, W_b, pose head, <POSE>
-        rows) as pi_ref = pi_init (Algorithm 1, line 3). Call it at the start of RFT, after moving the
-        model to its device. Only these few tensors are copied, never the 7B base."""
-        self._reference = {n: p.detach().clone() for n, p in self.named_parameters()
-                           if n in set(self.trained_names("rft"))}
-
-    @contextlib.contextmanager
-    def reference(self):
-        """Inside this block the model IS the reference policy pi_ref: the frozen base with the copies
-        taken by freeze_reference() in place of the trained tensors.
-
-        pi_ref is sometimes described as "LoRA adapters off plus a frozen copy of the small heads". With the
-        fresh adapters (B = 0) RFT starts from in the tiny preset, a copy of the adapters IS "off". When SFT
-        already trained the adapters (the 7B preset trains LoRA in both stages), switching them off would
-        make pi_ref the base LLaVA instead of the SFT model, and merging them into bf16 weights would round
-        much of them away; a copy of them keeps pi_ref = the SFT model exactly. The swap replaces the
-        Parameter objects (no in-place writes), so graphs built outside the block stay valid.
-        """
-        if self._reference is None:
-            raise ValueError("no reference policy yet: call freeze_reference() at the start of RFT")
-        outside = [n for n, p in self.named_parameters() if p.requires_grad and n not in self._reference]
-        if outside:
-            raise ValueError("parameters outside the reference copy are being trained, so pi_ref would drift "
-                             "with them: " + _name_keys("names", outside) + " (use set_trainable('rft'))")
-        swapped = []
-        try:
-            for name, frozen in self._reference.items():
-                module_name, _, attr = name.rpartition(".")
-                module = self.get_submodule(module_name)
-                live = module._parameters[attr]
-                swapped.append((module, attr, live))
-                module._parameters[attr] = nn.Parameter(frozen.to(live.device), requires_grad=False)
-            yield self
-        finally:
-            for module, attr, live in reversed(swapped):
-                module._parameters[attr] = live
-
-
-def build_pose_llava(config, device="cpu", dtype=torch.float32):
-    """The PoseLLaVA of a config.
-
-    tiny: random weights, float32, trained from scratch. llava-1.5-7b: on device="meta" a weightless model
-    for shape and size checks; otherwise LLaVA-1.5-7B from config.llava_path (load_llava) and HMR2.0's
-    backbone from config.pose_encoder_path, both in `dtype`, plus the new parts (W_b, pose head, <POSE> rows,
-    LoRA) in float32. The SMPL file (config.smpl_path) is for the rewards and losses, not read here.
-    """
-    if config.preset == "tiny" or str(device) == "meta":
-        with torch.device(device):
-            return PoseLLaVA(config)
-    missing = [name for name in ("llava_path", "pose_encoder_path") if getattr(config, name) is None]
-    if missing:
-        raise ValueError(f"the {config.preset} preset loads pretrained weights; set {missing} (llava_path: a "
-                         f"llava-hf/llava-1.5-7b-hf folder; pose_encoder_path: HMR2.0's checkpoint). {_HMR2_HINT}")
-    differences = _config_differences(read_llava_config(config.llava_path).to_dict(), config.llava.to_dict())
-    if differences:  # before reading gigabytes of weights
-        raise ValueError(f"{config.llava_path} holds another LLaVA than this config describes (file vs config): "
-                         + "; ".join(differences))
-    llava = load_llava(config.llava_path, dtype, device)
-    f_b = load_pose_encoder(config.pose_encoder_path, config.pose_vit, dtype, device)
-    return PoseLLaVA(config, llava=llava, pose_encoder=f_b)
-
-
-# ----------------------------------------------------------------------------------------------------
-# 11. Policy sampling and scoring for RFT (Eq. 1; Algorithm 1, line 6)
-
-
-@dataclass
-class Rollout:
-    """G candidates (a_i, p_i) ~ pi_theta(. | q) per prompt, N = prompts x G, prompt-major: candidate
-    i = b * G + g belongs to prompt b. Log-probs are those of the sampling policy (pi_old of hygrpo.py)."""
-    G: int
-    prompt_ids: torch.Tensor      # (N, T0) long, left-padded prompts, each repeated G times
-    prompt_mask: torch.Tensor     # (N, T0) bool
-    tokens: torch.Tensor          # (N, Tn) long: the answer a_i; pad after the stop token
-    mask: torch.Tensor            # (N, Tn) bool: generated tokens up to and including the stop token
-    logprobs: torch.Tensor        # (N, Tn) float32: log pi_old(a_t | q, a_<t) at `temperature`; 0 where masked
-    pose: torch.Tensor            # (N, 144) rot6d: p_i ~ N(mu_i, sigma_i); the mean where invalid
-    pose_logprobs: torch.Tensor   # (N,) log pi_old(p_i | q, a_i); 0 where invalid
-    mu: torch.Tensor              # (N, 144)
-    log_std: torch.Tensor         # (N, 144)
-    valid: torch.Tensor           # (N,) bool: the answer emitted <POSE>, so it has a pose (the set V of Eq. 6)
-    v_a: torch.Tensor | None      # (n_img, L_a, d_a) frozen CLIP features of the prompts' images, once each
-    v_b: torch.Tensor | None      # (n_img, L_b, d_b) frozen pose-ViT features
-    temperature: float = 1.0      # the text's sampling temperature; every log-prob of the answer is taken at it
-    pose_samples: int = 1         # M: each answer's pose drawn M times, rows i*M .. i*M+M-1 share the answer
-
-
-@torch.no_grad()
-def sample_policy(model, batch, G, max_new_tokens, temperature=1.0, top_p=1.0, generator=None, pose_samples=1):
-    """Sample G hybrid answers per prompt: text a_i by Llava.generate (KV cache, stopping at eos), and for
-    every answer that emitted `<POSE>`, a pose p_i from the Gaussian head at that token (Eq. 1, 2).
-
-    pose_samples = M > 1 (not in the paper; hygrpo.py note 16): each answer's pose is drawn M times from
-    its Gaussian, so a prompt has G x M candidates (a_i, p_ij), rows i*M .. i*M+M-1 sharing one answer.
-    The text is generated, and later scored, once per answer; only the cheap pose draws are repeated.
-    The returned Rollout then has G = G x M candidates per prompt and pose_samples = M.
-
-    batch: data.collate(..., for_generation=True) output (input_ids / attention_mask left-padded,
-    clip_pixels, pose_pixels). The frozen encoders run once per image; the projected visual tokens, not the
-    pixels, are repeated G times. Sampling uses temperature / top_p for the text; the recorded log-probs are
-    at that temperature (the sampling policy, see Llava.generate), and policy_logprobs scores at it too.
-    Put the model in eval() if it has dropout.
-    Returns a Rollout.
-    """
-    if G < 1:
-        raise ValueError(f"G={G}; need at least one candidate per prompt")
-    cfg = model.config
-    v_a = v_b = visual = None
-    if batch["clip_pixels"].shape[0] > 0:
-        v_a, v_b = model.encode_images(batch["clip_pixels"], batch["pose_pixels"])  # (n, L_a, d_a), (n, L_b, d_b)
-        visual = model.project(v_a, v_b).repeat_interleave(G, dim=0)  # (n*G, L_a + L_b, d)
-    prompt_ids = batch["input_ids"].repeat_interleave(G, dim=0)  # (N, T0)
-    prompt_mask = batch["attention_mask"].bool().repeat_interleave(G, dim=0)  # (N, T0)
-    x = model.embed(prompt_ids, visual)  # (N, T0, d)
-    eos = cfg.llava.text_config.eos_token_id
-    gen = model.llava.generate(inputs_embeds=x, attention_mask=prompt_mask, max_new_tokens=max_new_tokens,
-                               temperature=temperature, top_p=top_p, stop_token_ids=() if eos is None else (eos,),
-                               pad_token_id=cfg.llava.pad_token_id, capture_token_id=cfg.pose_token_id,
-                               generator=generator)
-    M = int(pose_samples)
-    if M < 1:
-        raise ValueError(f"pose_samples={pose_samples}; need at least one pose per answer")
-    rep = lambda t: t.repeat_interleave(M, dim=0)  # noqa: E731  (N, ...) -> (N*M, ...) each answer M times
-    dist = model.pose_head(rep(gen.captured_hidden))  # (N*M, 144) each
-    valid = rep(gen.captured)  # (N*M,)
-    pose = torch.where(valid[:, None], dist.sample(generator), dist.mu)  # (N*M, 144)
-    pose_logprobs = torch.where(valid, dist.log_prob(pose), torch.zeros_like(dist.mu[:, 0]))  # (N*M,)
-    return Rollout(G=G * M, prompt_ids=rep(prompt_ids), prompt_mask=rep(prompt_mask), tokens=rep(gen.tokens),
-                   mask=rep(gen.mask), logprobs=rep(gen.logprobs), pose=pose, pose_logprobs=pose_logprobs,
-                   mu=dist.mu, log_std=dist.log_std, valid=valid, v_a=v_a, v_b=v_b, temperature=temperature,
-                   pose_samples=M)
-
-
-class PolicyScores(typing.NamedTuple):
-    """What policy_logprobs returns."""
-    logprobs: torch.Tensor       # (N, Tn) log pi(a_t | q, a_<t) of the rollout's tokens; 0 where masked
-    pose_logprobs: torch.Tensor  # (N,) log pi(p_i | q, a_i) of the rollout's poses; 0 where invalid
-    pose: PoseGaussian           # (N, 144) mu, log_std of pi(p | q, a_i); an invalid row reads some other token
-
-
-def policy_logprobs(model, rollout):
-    """Score a rollout under the model's CURRENT parameters, with gradients (teacher forcing): the
-    per-token log-probs of the sampled answers and the log-densities of the sampled poses, read at the
-    first generated `<POSE>` of each answer, the tokens at the rollout's sampling temperature (the old,
-    current and reference policies are all tempered alike). Under `model.reference()` it scores pi_ref. With the
-    parameters that sampled the rollout it reproduces rollout.logprobs / pose_logprobs (up to float
-    rounding). Returns PolicyScores (logprobs, pose_logprobs, pose: the Gaussians themselves).
-
-    The prompt's visual tokens are rebuilt from the stored encoder features with the current W_a, W_b;
-    the encoders themselves must be frozen (they are in RFT), since their features were stored without
-    a graph.
-    """
-    if torch.is_grad_enabled() and (_requires_grad(model.llava.vision_tower) or _requires_grad(model.pose_encoder)):
-        raise ValueError("policy_logprobs reuses the rollout's stored encoder features, so f_a and f_b must be "
-                         "frozen (model.set_trainable('rft'))")
-    M = rollout.pose_samples  # each answer appears M times in a row (sample_policy's pose_samples)
-    G, T0, Tn = rollout.G // M, rollout.prompt_ids.shape[1], rollout.tokens.shape[1]  # G answers per prompt
-    tokens, mask = rollout.tokens[::M], rollout.mask[::M]  # (A, Tn) the A = N / M answers
-    # A prompt's G answers are often the same text (the pose template): run each distinct (prompt, answer)
-    # through the LLM once and share its scores. The result is the same as scoring every row; the
-    # gradient of a shared row is the sum over its copies, as it would be.
-    prompt_of = torch.arange(tokens.shape[0], device=tokens.device) // G  # (A,) the answer's prompt b
-    key = torch.cat([prompt_of[:, None], torch.where(mask, tokens, -1)], dim=1)  # (A, 1 + Tn)
-    distinct, copy_of = torch.unique(key, dim=0, return_inverse=True)  # (U, 1 + Tn), (A,) sorted by prompt
-    first_copy = torch.full((distinct.shape[0],), tokens.shape[0], dtype=torch.long, device=tokens.device)
-    first_copy = first_copy.scatter_reduce(0, copy_of, torch.arange(tokens.shape[0], device=tokens.device),
-                                           reduce="amin")  # (U,) one answer row per distinct pair
-    rows = first_copy * M  # (U,) their rows in the rollout
-    prompt_ids, prompt_mask = rollout.prompt_ids[rows], rollout.prompt_mask[rows]  # (U, T0)
-    tokens_u, mask_u = rollout.tokens[rows], rollout.mask[rows]  # (U, Tn)
-    visual = None
-    if rollout.v_a is not None:
-        has_image = (rollout.prompt_ids[::M * G] == model.config.llava.image_token_index).any(-1)  # (B,)
-        image_of = torch.cumsum(has_image.long(), 0) - 1  # (B,) index into the rollout's images
-        b = prompt_of[first_copy]  # (U,) prompt of each distinct pair, in order
-        visual = model.project(rollout.v_a, rollout.v_b)[image_of[b[has_image[b]]]]  # (u_img, L_a + L_b, d)
-    decoder, lm_head = model.llava.language_model.model, model.llava.language_model.lm_head
-    # The generated tokens are embedded as words, even a sampled <image> id, as generate fed them.
-    x = torch.cat([model.embed(prompt_ids, visual), decoder.embed_tokens(tokens_u)], dim=1)  # (U, T, d)
-    key_mask = torch.cat([prompt_mask.bool(), mask_u.bool()], dim=1)  # (U, T)
-    positions, attn_mask = positions_and_mask(key_mask, T0 + Tn)  # (U, T), (U, 1, T, T)
-    h = decoder(x, positions, attn_mask)  # (U, T, d)
-    logits = lm_head(h[:, T0 - 1:T0 + Tn - 1])  # (U, Tn, V): position t scores the token at t + 1
-    logprobs = token_logprobs(logits, tokens_u, rollout.temperature).masked_fill(~mask_u.bool(), 0.0)  # (U, Tn)
-    back = copy_of.repeat_interleave(M)  # (N,) each candidate's distinct pair
-    logprobs = logprobs[back]  # (N, Tn) every copy of an answer scores alike
-    first, found = model.pose_positions(tokens_u, mask_u)  # (U,), (U,)
-    if not torch.equal(found[back], rollout.valid):
-        raise ValueError("rollout.valid does not match the <POSE> tokens in rollout.tokens")
-    pose_hidden = h[torch.arange(h.shape[0], device=h.device), T0 + first]  # (U, d) at each first <POSE>
-    dist = model.pose_head(pose_hidden[back])  # (N, 144) each
-    pose_logprobs = torch.where(rollout.valid, dist.log_prob(rollout.pose), torch.zeros_like(dist.mu[:, 0]))  # (N,)
-    return PolicyScores(logprobs=logprobs, pose_logprobs=pose_logprobs, pose=dist)
-
-
-def answer_texts(rollout, tokenizer):
-    """The text a_i of every candidate of a rollout: its generated tokens up to, not including, </s>,
-    decoded once per answer and shared by the answer's pose draws. -> list of N strings."""
-    N, M = rollout.tokens.shape[0], rollout.pose_samples
-    keep = rollout.mask & (rollout.tokens != tokenizer.eos_id)  # (N, Tn) the answer without </s>
-    texts = [tokenizer.decode(rollout.tokens[i][keep[i]].tolist()) for i in range(0, N, M)]  # one per answer
-    return [t for t in texts for _ in range(M)]  # (N,) an answer's pose draws share its text
-
-
-def reference_hidden_states(policy):
-    """hidden_states(input_ids, attention_mask) of the frozen reference policy's decoder, for the text
-    embedder stand-in (rewards.MeanPoolEmbedder): text only, no gradients. Every id is embedded as a
-    word, as generation fed it (a garbage answer may contain the <image> id, which has no image here)."""
-    decoder = policy.llava.language_model.model
-
-    def hidden_states(input_ids, attention_mask):
-        with torch.no_grad(), policy.reference():
-            x = decoder.embed_tokens(input_ids)  # (B, T, d)
-            positions, mask = positions_and_mask(attention_mask, input_ids.shape[1])  # (B, T), (B, 1, T, T)
-            return decoder(x, positions, mask)  # (B, T, d) last layer, after the final norm
-    return hidden_states
-
-
-# ----------------------------------------------------------------------------------------------------
-# 12. Checkpoints of a run: model.safetensors + config.json + tokenizer.json
+# 14. Checkpoints of a run: model.safetensors + config.json + tokenizer.json
 #
 # Only what was trained is written: the whole model for tiny (it has no base weights anywhere else), the
 # trained_names("rft") set for llava-1.5-7b (LoRA, W_a, W_b, pose head, <POSE> rows: tens of megabytes),
