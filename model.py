@@ -1986,6 +1986,49 @@ def load_llava(path, dtype=torch.float32, device="cpu"):
 #      bytes <0xNN>), then repeatedly merge the adjacent pair with the lowest merge rank;
 #   4. decoding reverses it: "▁" -> " ", runs of <0xNN> fused back into UTF-8, one leading space dropped.
 
+# The reader core both tokenizers share (this Llama BPE and rewards.UnigramTokenizer, BGE-M3's): the file,
+# the "Sequence" nesting of its components, the Metaspace options, and the added tokens.
+
+
+def read_tokenizer_json(path: str, missing: FileNotFoundError) -> dict:
+    """The whole `tokenizer.json` at path as a dict; `missing` is raised when there is no such file (each
+    caller says where the file should come from), a ValueError naming the file when it is not JSON."""
+    if not os.path.isfile(path):
+        raise missing
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); expected a Hugging Face tokenizer.json") from None
+
+
+def tokenizer_components(spec: dict | None, key: str) -> list[dict]:
+    """The leaf components of a normalizer / pre_tokenizer / decoder entry: a "Sequence" lists its parts
+    under `key` ("normalizers", "pretokenizers", "decoders"), and may nest; None gives []."""
+    if spec is None:
+        return []
+    if spec["type"] == "Sequence":
+        return [leaf for part in spec[key] for leaf in tokenizer_components(part, key)]
+    return [spec]
+
+
+def metaspace_options(spec: dict) -> tuple[str, str, bool]:
+    """(replacement, prepend_scheme, split) of a Metaspace pre-tokenizer. Files written before
+    tokenizers 0.14 say add_prefix_space (true meant "always") instead of prepend_scheme."""
+    scheme = spec.get("prepend_scheme") or ("always" if spec.get("add_prefix_space", True) else "never")
+    return spec.get("replacement", SPIECE), scheme, spec.get("split", True)
+
+
+def added_tokens(spec: dict, source: str) -> list[dict]:
+    """The added_tokens entries (<s>, </s>, <image>, <POSE>, ...), refusing single_word ones, which
+    neither tokenizer here matches as `tokenizers` would."""
+    tokens = spec.get("added_tokens") or []
+    for tok in tokens:
+        if tok.get("single_word"):
+            raise ValueError(f"{source}: added token {tok['content']!r} has single_word=true, not supported")
+    return tokens
+
+
 SPIECE = "\u2581"  # "▁", SentencePiece's visible space
 _BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
@@ -2036,9 +2079,7 @@ class Tokenizer:
         self._normalizer = self._parse_normalizer(spec.get("normalizer"), source)
         self._metaspace = self._parse_pre_tokenizer(spec.get("pre_tokenizer"), source)
         self._decoder = self._parse_decoder(spec.get("decoder"), source)
-        for tok in spec.get("added_tokens", []):
-            if tok.get("single_word"):
-                raise ValueError(f"{source}: added token {tok['content']!r} has single_word=true, not supported")
+        for tok in added_tokens(spec, source):
             if self.vocab.get(tok["content"], tok["id"]) != tok["id"]:  # `tokenizers` would renumber it
                 raise ValueError(f"{source}: added token {tok['content']!r} has id {tok['id']} but the vocab "
                                  f"gives it {self.vocab[tok['content']]}")
@@ -2050,11 +2091,8 @@ class Tokenizer:
     @staticmethod
     def _parse_normalizer(spec, source):
         """Returns a list of ("prepend", s) / ("replace", old, new) steps."""
-        if spec is None:
-            return []
-        parts = spec["normalizers"] if spec["type"] == "Sequence" else [spec]
         steps = []
-        for part in parts:
+        for part in tokenizer_components(spec, "normalizers"):
             if part["type"] == "Prepend":
                 steps.append(("prepend", part["prepend"]))
             elif part["type"] == "Replace" and "String" in part["pattern"]:
@@ -2070,15 +2108,13 @@ class Tokenizer:
             return None
         if spec["type"] != "Metaspace":
             raise ValueError(f"{source}: pre_tokenizer {spec['type']!r} not supported (Llama: none or Metaspace)")
-        # older files say add_prefix_space (true meant "always") instead of prepend_scheme
-        scheme = spec.get("prepend_scheme") or ("always" if spec.get("add_prefix_space", True) else "never")
-        return spec.get("replacement", SPIECE), scheme, spec.get("split", True)
+        return metaspace_options(spec)
 
     @staticmethod
     def _parse_decoder(spec, source):
         if spec is None:
             return None
-        parts = spec["decoders"] if spec["type"] == "Sequence" else [spec]
+        parts = tokenizer_components(spec, "decoders")
         for part in parts:
             ok = part["type"] in ("ByteFallback", "Fuse", "Strip") or (
                 part["type"] == "Replace" and "String" in part["pattern"])
@@ -2110,15 +2146,9 @@ class Tokenizer:
 
     @classmethod
     def from_file(cls, path: str) -> "Tokenizer":
-        try:
-            with open(path, encoding="utf-8") as f:
-                spec = json.load(f)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"tokenizer file {path} not found: expected a Hugging Face tokenizer.json "
+        missing = FileNotFoundError(f"tokenizer file {path} not found: expected a Hugging Face tokenizer.json "
                                     f"(the one in llava-hf/llava-1.5-7b-hf, or one written by Tokenizer.save)")
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON ({e}); expected a Hugging Face tokenizer.json")
-        return cls(spec, source=path)
+        return cls(read_tokenizer_json(path, missing), source=path)
 
     def save(self, path: str) -> None:
         """Write tokenizer.json in the Hugging Face format (`tokenizers.Tokenizer.from_file` reads it)."""
