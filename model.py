@@ -50,7 +50,6 @@ import os
 import pickle
 import re
 import shutil
-import types
 import typing
 import zipfile
 from collections import Counter, defaultdict
@@ -2485,21 +2484,11 @@ _HMR2_HINT = ("The pose-aware encoder f_b is HMR2.0's ViT-H backbone (4D-Humans,
               "backbone.* tensors.")
 
 
-class _CheckpointUnpickler(smpl.RestrictedUnpickler):
-    """The project's restricted unpickler (smpl.RestrictedUnpickler) narrowed to what a Lightning
-    checkpoint holds: tensors (torch's own rebuild functions; torch.load handles the storages), plain
-    containers and scalars, torch dtypes, and inert stand-ins for config objects. Any other global
-    (os.system, builtins.exec, a model class, numpy arrays, ...) is refused before it can be called."""
-    allow = ("builtins", "torch", "config")
-
-
-def _restricted_load(file, **kwargs):
-    return _CheckpointUnpickler(file, **kwargs).load()
-
-
-# torch.load's pickle_module: it subclasses `Unpickler` and calls `load` (old file format).
-_RESTRICTED_PICKLE = types.SimpleNamespace(__name__="restricted_pickle", Unpickler=_CheckpointUnpickler,
-                                           load=_restricted_load)
+# torch.load's pickle_module: the project's one restricted unpickler (smpl.RestrictedUnpickler) narrowed to
+# what a Lightning checkpoint holds: tensors (torch's own rebuild functions; torch.load handles the
+# storages), plain containers and scalars, torch dtypes, and inert stand-ins for config objects. Any other
+# global (os.system, builtins.exec, a model class, numpy arrays, ...) is refused before it can be called.
+_RESTRICTED_PICKLE = smpl.restricted_pickle_module(allow=("builtins", "torch", "config"))
 
 
 def _checked_checkpoint(state, path, size):
@@ -2880,14 +2869,14 @@ def check_config(cfg):
 
 def apply_overrides(cfg, argv):
     """nanoGPT-style `--key=value` overrides of a config dataclass, typed by the field's default."""
-    types = {f.name: type(getattr(cfg, f.name)) for f in fields(cfg)}
+    kinds = {f.name: type(getattr(cfg, f.name)) for f in fields(cfg)}
     for arg in argv:
         if not arg.startswith("--") or "=" not in arg:
-            raise SystemExit(f"bad argument {arg!r}: use --key=value (keys: {', '.join(types)})")
+            raise SystemExit(f"bad argument {arg!r}: use --key=value (keys: {', '.join(kinds)})")
         key, value = arg[2:].split("=", 1)
-        if key not in types:
-            raise SystemExit(f"unknown option --{key}; options: {', '.join(types)}")
-        t = types[key]
+        if key not in kinds:
+            raise SystemExit(f"unknown option --{key}; options: {', '.join(kinds)}")
+        t = kinds[key]
         if t is bool:
             if value.lower() not in ("1", "0", "true", "false", "yes", "no"):
                 raise SystemExit(f"--{key} takes true/false, got {value!r}")

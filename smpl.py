@@ -38,6 +38,7 @@ import collections
 import functools
 import os
 import pickle
+import types
 import zipfile
 
 import numpy as np
@@ -318,6 +319,207 @@ def rest_joints_from_betas(betas, J_template, J_shapedirs, batch: int) -> torch.
 
 
 # ----------------------------------------------------------------------------------------------------
+# The body model
+
+
+class SMPLOutput:
+    """What SMPL.forward returns: joints (B, 24, 3); vertices (B, V, 3), or None for the built-in
+    skeleton and for return_vertices=False; transforms (B, 24, 4, 4), the global joint transforms
+    before transl; extra, the extra joint sets by name, each (B, K, 3), regressed from the vertices."""
+
+    def __init__(self, joints, vertices=None, transforms=None, extra=None):
+        self.joints = joints
+        self.vertices = vertices
+        self.transforms = transforms
+        self.extra = extra or {}
+
+
+def _as_rotmats(x: torch.Tensor, n: int, name: str) -> torch.Tensor:
+    """Accept axis-angle (B, n, 3) / (B, 3n) or rotation matrices (B, n, 3, 3); return (B, n, 3, 3)."""
+    if x.dim() == 2 and x.shape[1] == 3 * n:
+        x = x.reshape(x.shape[0], n, 3)
+    if n == 1 and x.dim() == 3 and x.shape[1:] == (3, 3):  # global_orient as (B, 3, 3)
+        return x[:, None]
+    if x.dim() == 3 and x.shape[1:] == (n, 3):
+        return axis_angle_to_matrix(x)
+    if x.dim() == 4 and x.shape[1:] == (n, 3, 3):
+        return x
+    shapes = f"(B, {n}, 3), (B, {3 * n}) or (B, {n}, 3, 3)" if n > 1 else "(B, 3), (B, 1, 3) or (B, 3, 3)"
+    raise ValueError(f"{name} must be {shapes}; got {tuple(x.shape)}")
+
+
+_CPU_LBS_CHUNK = 64  # bodies per skinning chunk on CPU (see SMPL.forward)
+
+
+class SMPL(torch.nn.Module):
+    """SMPL (Loper et al. 2015).
+
+    `SMPL()` is the built-in skeleton (rest joints of the neutral body, no mesh, no shape space),
+    enough for joints, rewards and metrics without the licensed files. `SMPL.from_file(path)` is the
+    official model: shape and pose blend shapes, skinning, the 6890-vertex mesh.
+
+    Attributes: has_mesh, num_betas (0 for the skeleton), faces ((F, 3) long tensor, or None),
+    extra_regressor_names. Buffers follow `.to(device / dtype)`; for a float64 model call
+    `.to(torch.float64)`. They are not saved in state_dict: the licensed data stay out of checkpoints.
+    """
+
+    def __init__(self, rest_joints: torch.Tensor | None = None, *, model: dict | None = None,
+                 num_betas: int = 10, extra_regressors: dict | None = None):
+        """rest_joints: (24, 3) for a skeleton other than the built-in one. model: the arrays of an
+        official model file (see load_model_file); extra_regressors: {name: (K, V) array or file}."""
+        super().__init__()
+        self.has_mesh = model is not None
+        self.extra_regressor_names = []
+        if model is None:
+            if extra_regressors:
+                raise ValueError("extra joint regressors map mesh vertices to joints, and the built-in "
+                                 "skeleton has no mesh: load the official model with "
+                                 "SMPL.from_file(path, extra_regressors=...)")
+            J = _builtin_rest_joints() if rest_joints is None else torch.as_tensor(rest_joints, dtype=torch.float64)
+            if J.shape != (NUM_JOINTS, 3):
+                raise ValueError(f"rest_joints must be ({NUM_JOINTS}, 3); got {tuple(J.shape)}")
+            self.num_betas = 0
+            self.register_buffer("J_template", J.float(), persistent=False)  # (24, 3)
+            self.register_buffer("faces", None, persistent=False)
+            return
+        if rest_joints is not None:
+            raise ValueError("pass either rest_joints (a skeleton) or model (an official model), not both")
+        S = model["shapedirs"].shape[-1]
+        if not 0 < num_betas <= S:
+            raise ValueError(f"num_betas must be in 1..{S} (the model has {S} shape components); got {num_betas}")
+        self.num_betas = num_betas
+        V = model["v_template"].shape[0]
+        v_template = np.asarray(model["v_template"], np.float64)  # (V, 3)
+        shapedirs = np.asarray(model["shapedirs"], np.float64)[:, :, :num_betas]  # (V, 3, S)
+        posedirs = np.asarray(model["posedirs"], np.float64)  # (V, 3, 207)
+        J_regressor = np.asarray(model["J_regressor"], np.float64)  # (24, V)
+        # The joint regressor is linear, so J(beta) = J_regressor v_template + (J_regressor shapedirs) beta:
+        # precompute both terms (in float64) and the joints-only path never touches the vertices.
+        J_template = J_regressor @ v_template  # (24, 3)
+        J_shapedirs = np.einsum("jv,vcs->sjc", J_regressor, shapedirs).reshape(num_betas, 3 * NUM_JOINTS)  # (S, 72)
+
+        def buffer(name, array, dtype=torch.float32):
+            self.register_buffer(name, torch.as_tensor(np.ascontiguousarray(array)).to(dtype), persistent=False)
+
+        buffer("J_template", J_template)  # (24, 3)
+        buffer("J_shapedirs", J_shapedirs)  # (S, 72)
+        buffer("v_template", v_template)  # (V, 3)
+        buffer("shapedirs", shapedirs.reshape(3 * V, num_betas).T)  # (S, 3V), rows are blend shapes
+        buffer("posedirs", posedirs.reshape(3 * V, -1).T)  # (207, 3V)
+        buffer("lbs_weights", model["weights"])  # (V, 24)
+        buffer("faces", model["f"], torch.long)  # (F, 3)
+        for name, source in (extra_regressors or {}).items():
+            if not (isinstance(name, str) and name.isidentifier()):
+                raise ValueError(f"extra regressor names must be identifiers (they name buffers); got {name!r}")
+            buffer(f"J_regressor_{name}", load_regressor(source, V))  # (K, V)
+            self.extra_regressor_names.append(name)
+
+    @classmethod
+    def from_file(cls, path, num_betas: int = 10, extra_regressors: dict | None = None) -> "SMPL":
+        """The official model from a .pkl (read without chumpy) or .npz file; uses the first num_betas
+        shape components (files have 10 or 300). extra_regressors: {name: path or (K, V) array}, e.g.
+        {"h36m": "J_regressor_h36m.npy"} gives out.extra["h36m"] (B, 17, 3)."""
+        return cls(model=load_model_file(path), num_betas=num_betas, extra_regressors=extra_regressors)
+
+    def _check_betas(self, betas: torch.Tensor | None, batch: int) -> None:
+        if betas is None:
+            return
+        if not self.has_mesh:
+            raise ValueError("the built-in skeleton has no shape space: pass betas=None, or load "
+                             "the official model with SMPL.from_file(path)")
+        if betas.shape != (batch, self.num_betas):
+            raise ValueError(f"betas must be ({batch}, {self.num_betas}) (B, num_betas); got {tuple(betas.shape)}")
+
+    def rest_joints(self, betas: torch.Tensor | None, batch: int) -> torch.Tensor:
+        """Rest joints J(beta) (B, 24, 3); betas (B, num_betas) or None for the mean shape."""
+        self._check_betas(betas, batch)
+        if betas is None:
+            return self.J_template.expand(batch, -1, -1)  # (B, 24, 3)
+        return rest_joints_from_betas(betas, self.J_template.to(betas.dtype), self.J_shapedirs.to(betas.dtype), batch)
+
+    def forward(self, body_pose, global_orient=None, betas=None, transl=None,
+                return_vertices: bool = True) -> SMPLOutput:
+        """body_pose: (B, 23, 3) / (B, 69) axis-angle or (B, 23, 3, 3); global_orient: (B, 3) or
+        (B, 3, 3), identity if None; betas: (B, num_betas), mean shape if None; transl: (B, 3) added
+        to every joint and vertex. return_vertices=False skips the mesh (and the extra joint sets,
+        which need it): only forward kinematics on J(beta), what the rewards need.
+        Computes in the dtype of body_pose; the mesh path needs the model in that dtype too."""
+        body = _as_rotmats(body_pose, NUM_BODY_JOINTS, "body_pose")  # (B, 23, 3, 3)
+        B, dtype = body.shape[0], body.dtype
+        if global_orient is None:
+            root = torch.eye(3, dtype=dtype, device=body.device).expand(B, 1, 3, 3)
+        else:
+            root = _as_rotmats(global_orient, 1, "global_orient").to(dtype)  # (B, 1, 3, 3)
+        if root.shape[0] != B:
+            raise ValueError(f"global_orient has batch {root.shape[0]}, body_pose has {B}")
+        if transl is not None and transl.shape != (B, 3):
+            raise ValueError(f"transl must be ({B}, 3); got {tuple(transl.shape)}")
+        R = torch.cat([root, body], dim=1)  # (B, 24, 3, 3)
+        if betas is not None:
+            betas = betas.to(dtype)
+        vertices, extra = None, {}
+        if self.has_mesh and return_vertices:
+            if self.v_template.dtype != dtype:
+                raise ValueError(f"the model holds {self.v_template.dtype} buffers and the pose is {dtype}: "
+                                 f"call .to({dtype}) on the model, or pass {self.v_template.dtype} inputs")
+            self._check_betas(betas, B)
+            # On CPU, skin in chunks of bodies: a (B, V, 12) temporary at B = 512 is 170 MB, and
+            # allocations that large are mapped fresh (and page-faulted) on every call, while chunk-sized
+            # ones (< 32 MB, glibc's mmap threshold) are reused. About 1.4x faster; same numbers.
+            chunk = _CPU_LBS_CHUNK if R.device.type == "cpu" else B
+            parts = [lbs(R[i:i + chunk], None if betas is None else betas[i:i + chunk], self.v_template,
+                         self.shapedirs, self.posedirs, self.J_template, self.J_shapedirs, self.lbs_weights)
+                     for i in range(0, B, chunk)]
+            vertices, joints, transforms = (torch.cat(tensors) for tensors in zip(*parts))
+        else:
+            joints, transforms = forward_kinematics(
+                R, self.rest_joints(betas, B).to(dtype))  # (B, 24, 3), (B, 24, 4, 4)
+        if transl is not None:
+            joints = joints + transl[:, None].to(dtype)  # (B, 24, 3)
+            if vertices is not None:
+                vertices = vertices + transl[:, None].to(dtype)  # (B, V, 3)
+        if vertices is not None:
+            for name in self.extra_regressor_names:
+                extra[name] = torch.matmul(getattr(self, f"J_regressor_{name}"), vertices)  # (B, K, 3)
+        return SMPLOutput(joints=joints, vertices=vertices, transforms=transforms, extra=extra)
+
+
+def pose_joints(pose: torch.Tensor, body: SMPL | None = None) -> torch.Tensor:
+    """The 24 joints of a batch of poses, joints only (no mesh, no translation: the pelvis stays at its
+    rest location whatever the global orientation). -> (B, 24, 3) metres.
+
+    pose, told apart by its shape:
+      (B, 24, 3)     axis-angle, as the data sets store a pose;
+      (B, 144)       the pose head's rot6d numbers (model.py: joint-major, each joint's column 0 then
+                     column 1), made rotations by Gram-Schmidt (rot6d_to_matrix);
+      (B, 24, 3, 3)  rotation matrices.
+    body: an SMPL (the official model, or a skeleton); None = the built-in skeleton, on the CPU, which
+    PoseWorld is made with."""
+    if pose.dim() == 2 and pose.shape[1] == NUM_JOINTS * 6:
+        R = rot6d_to_matrix(pose.reshape(pose.shape[0], NUM_JOINTS, 6))  # (B, 24, 3, 3)
+    elif pose.dim() == 3 and pose.shape[1:] == (NUM_JOINTS, 3):
+        R = pose  # (B, 24, 3) axis-angle: SMPL.forward turns it into matrices
+    elif pose.dim() == 4 and pose.shape[1:] == (NUM_JOINTS, 3, 3):
+        R = pose  # (B, 24, 3, 3)
+    else:
+        raise ValueError(f"pose_joints expects axis-angle poses (B, 24, 3), rot6d poses (B, 144) or rotation "
+                         f"matrices (B, 24, 3, 3); got {tuple(pose.shape)}")
+    body = _builtin_skeleton() if body is None else body
+    return body(R[:, 1:], global_orient=R[:, 0], return_vertices=False).joints  # (B, 24, 3)
+
+
+@functools.lru_cache(maxsize=1)
+def _builtin_skeleton() -> SMPL:
+    return SMPL()
+
+
+def build_body_model(smpl_path: str, device) -> SMPL:
+    """The official SMPL file when given, else the built-in skeleton (PoseWorld is made with it)."""
+    body = SMPL.from_file(smpl_path) if smpl_path else SMPL()
+    return body.to(device)
+
+
+# ----------------------------------------------------------------------------------------------------
 # Extra joint sets for evaluation
 
 # SPIN (Kolotouros et al. 2019, eval.py / constants.py), also used by later work on 3DPW: the 17
@@ -353,6 +555,12 @@ def lsp14_from_j19(joints_j19: torch.Tensor) -> torch.Tensor:
     return joints_j19[..., J19_TO_LSP14, :] - joints_j19[..., J19_PELVIS:J19_PELVIS + 1, :]  # (..., 14, 3)
 
 
+# ====================================================================================================
+# File formats: not in the paper
+#
+# The official SMPL files are Python 2 pickles of chumpy objects and scipy.sparse matrices; HMR2.0's
+# checkpoint (model.py) and 3DPW's sequences (data.py) are pickles too. All of them are read here,
+# by one restricted unpickler that builds only arrays, plain containers and inert stand-ins.
 # ----------------------------------------------------------------------------------------------------
 # Reading the official model files without chumpy, scipy, or trusting the pickle
 
@@ -618,6 +826,16 @@ class RestrictedUnpickler(pickle.Unpickler):
         return found[1]
 
 
+def restricted_pickle_module(allow: tuple):
+    """RestrictedUnpickler, limited to the groups in `allow`, in the shape torch.load takes as its
+    pickle_module: torch subclasses the module's `Unpickler` (so the groups are a class attribute, not an
+    argument) and calls its `load` for files in the old format. What torch.load returns still needs
+    _checked_tree for depth and size."""
+    Unpickler = type("RestrictedUnpickler", (RestrictedUnpickler,), {"allow": tuple(allow)})
+    return types.SimpleNamespace(__name__="restricted_pickle", Unpickler=Unpickler,
+                                 load=lambda file, **kwargs: Unpickler(file, **kwargs).load())
+
+
 def _size_limit(file_size: int) -> int:
     """The most units (one per object, plus one per 8 bytes of array data) a file of file_size bytes may
     unpickle to. Every object costs at least one byte of pickle and every array byte one byte, so a tree
@@ -802,204 +1020,3 @@ def load_regressor(source, num_vertices: int) -> np.ndarray:
         raise _file_error(name, f"a joint regressor must be a (K, {num_vertices}) array, found {array.shape}",
                           _NO_REGRESSOR_HINT)
     return array.astype(np.float64)
-
-
-# ----------------------------------------------------------------------------------------------------
-# The body model
-
-
-class SMPLOutput:
-    """What SMPL.forward returns: joints (B, 24, 3); vertices (B, V, 3), or None for the built-in
-    skeleton and for return_vertices=False; transforms (B, 24, 4, 4), the global joint transforms
-    before transl; extra, the extra joint sets by name, each (B, K, 3), regressed from the vertices."""
-
-    def __init__(self, joints, vertices=None, transforms=None, extra=None):
-        self.joints = joints
-        self.vertices = vertices
-        self.transforms = transforms
-        self.extra = extra or {}
-
-
-def _as_rotmats(x: torch.Tensor, n: int, name: str) -> torch.Tensor:
-    """Accept axis-angle (B, n, 3) / (B, 3n) or rotation matrices (B, n, 3, 3); return (B, n, 3, 3)."""
-    if x.dim() == 2 and x.shape[1] == 3 * n:
-        x = x.reshape(x.shape[0], n, 3)
-    if n == 1 and x.dim() == 3 and x.shape[1:] == (3, 3):  # global_orient as (B, 3, 3)
-        return x[:, None]
-    if x.dim() == 3 and x.shape[1:] == (n, 3):
-        return axis_angle_to_matrix(x)
-    if x.dim() == 4 and x.shape[1:] == (n, 3, 3):
-        return x
-    shapes = f"(B, {n}, 3), (B, {3 * n}) or (B, {n}, 3, 3)" if n > 1 else "(B, 3), (B, 1, 3) or (B, 3, 3)"
-    raise ValueError(f"{name} must be {shapes}; got {tuple(x.shape)}")
-
-
-_CPU_LBS_CHUNK = 64  # bodies per skinning chunk on CPU (see SMPL.forward)
-
-
-class SMPL(torch.nn.Module):
-    """SMPL (Loper et al. 2015).
-
-    `SMPL()` is the built-in skeleton (rest joints of the neutral body, no mesh, no shape space),
-    enough for joints, rewards and metrics without the licensed files. `SMPL.from_file(path)` is the
-    official model: shape and pose blend shapes, skinning, the 6890-vertex mesh.
-
-    Attributes: has_mesh, num_betas (0 for the skeleton), faces ((F, 3) long tensor, or None),
-    extra_regressor_names. Buffers follow `.to(device / dtype)`; for a float64 model call
-    `.to(torch.float64)`. They are not saved in state_dict: the licensed data stay out of checkpoints.
-    """
-
-    def __init__(self, rest_joints: torch.Tensor | None = None, *, model: dict | None = None,
-                 num_betas: int = 10, extra_regressors: dict | None = None):
-        """rest_joints: (24, 3) for a skeleton other than the built-in one. model: the arrays of an
-        official model file (see load_model_file); extra_regressors: {name: (K, V) array or file}."""
-        super().__init__()
-        self.has_mesh = model is not None
-        self.extra_regressor_names = []
-        if model is None:
-            if extra_regressors:
-                raise ValueError("extra joint regressors map mesh vertices to joints, and the built-in "
-                                 "skeleton has no mesh: load the official model with "
-                                 "SMPL.from_file(path, extra_regressors=...)")
-            J = _builtin_rest_joints() if rest_joints is None else torch.as_tensor(rest_joints, dtype=torch.float64)
-            if J.shape != (NUM_JOINTS, 3):
-                raise ValueError(f"rest_joints must be ({NUM_JOINTS}, 3); got {tuple(J.shape)}")
-            self.num_betas = 0
-            self.register_buffer("J_template", J.float(), persistent=False)  # (24, 3)
-            self.register_buffer("faces", None, persistent=False)
-            return
-        if rest_joints is not None:
-            raise ValueError("pass either rest_joints (a skeleton) or model (an official model), not both")
-        S = model["shapedirs"].shape[-1]
-        if not 0 < num_betas <= S:
-            raise ValueError(f"num_betas must be in 1..{S} (the model has {S} shape components); got {num_betas}")
-        self.num_betas = num_betas
-        V = model["v_template"].shape[0]
-        v_template = np.asarray(model["v_template"], np.float64)  # (V, 3)
-        shapedirs = np.asarray(model["shapedirs"], np.float64)[:, :, :num_betas]  # (V, 3, S)
-        posedirs = np.asarray(model["posedirs"], np.float64)  # (V, 3, 207)
-        J_regressor = np.asarray(model["J_regressor"], np.float64)  # (24, V)
-        # The joint regressor is linear, so J(beta) = J_regressor v_template + (J_regressor shapedirs) beta:
-        # precompute both terms (in float64) and the joints-only path never touches the vertices.
-        J_template = J_regressor @ v_template  # (24, 3)
-        J_shapedirs = np.einsum("jv,vcs->sjc", J_regressor, shapedirs).reshape(num_betas, 3 * NUM_JOINTS)  # (S, 72)
-
-        def buffer(name, array, dtype=torch.float32):
-            self.register_buffer(name, torch.as_tensor(np.ascontiguousarray(array)).to(dtype), persistent=False)
-
-        buffer("J_template", J_template)  # (24, 3)
-        buffer("J_shapedirs", J_shapedirs)  # (S, 72)
-        buffer("v_template", v_template)  # (V, 3)
-        buffer("shapedirs", shapedirs.reshape(3 * V, num_betas).T)  # (S, 3V), rows are blend shapes
-        buffer("posedirs", posedirs.reshape(3 * V, -1).T)  # (207, 3V)
-        buffer("lbs_weights", model["weights"])  # (V, 24)
-        buffer("faces", model["f"], torch.long)  # (F, 3)
-        for name, source in (extra_regressors or {}).items():
-            if not (isinstance(name, str) and name.isidentifier()):
-                raise ValueError(f"extra regressor names must be identifiers (they name buffers); got {name!r}")
-            buffer(f"J_regressor_{name}", load_regressor(source, V))  # (K, V)
-            self.extra_regressor_names.append(name)
-
-    @classmethod
-    def from_file(cls, path, num_betas: int = 10, extra_regressors: dict | None = None) -> "SMPL":
-        """The official model from a .pkl (read without chumpy) or .npz file; uses the first num_betas
-        shape components (files have 10 or 300). extra_regressors: {name: path or (K, V) array}, e.g.
-        {"h36m": "J_regressor_h36m.npy"} gives out.extra["h36m"] (B, 17, 3)."""
-        return cls(model=load_model_file(path), num_betas=num_betas, extra_regressors=extra_regressors)
-
-    def _check_betas(self, betas: torch.Tensor | None, batch: int) -> None:
-        if betas is None:
-            return
-        if not self.has_mesh:
-            raise ValueError("the built-in skeleton has no shape space: pass betas=None, or load "
-                             "the official model with SMPL.from_file(path)")
-        if betas.shape != (batch, self.num_betas):
-            raise ValueError(f"betas must be ({batch}, {self.num_betas}) (B, num_betas); got {tuple(betas.shape)}")
-
-    def rest_joints(self, betas: torch.Tensor | None, batch: int) -> torch.Tensor:
-        """Rest joints J(beta) (B, 24, 3); betas (B, num_betas) or None for the mean shape."""
-        self._check_betas(betas, batch)
-        if betas is None:
-            return self.J_template.expand(batch, -1, -1)  # (B, 24, 3)
-        return rest_joints_from_betas(betas, self.J_template.to(betas.dtype), self.J_shapedirs.to(betas.dtype), batch)
-
-    def forward(self, body_pose, global_orient=None, betas=None, transl=None,
-                return_vertices: bool = True) -> SMPLOutput:
-        """body_pose: (B, 23, 3) / (B, 69) axis-angle or (B, 23, 3, 3); global_orient: (B, 3) or
-        (B, 3, 3), identity if None; betas: (B, num_betas), mean shape if None; transl: (B, 3) added
-        to every joint and vertex. return_vertices=False skips the mesh (and the extra joint sets,
-        which need it): only forward kinematics on J(beta), what the rewards need.
-        Computes in the dtype of body_pose; the mesh path needs the model in that dtype too."""
-        body = _as_rotmats(body_pose, NUM_BODY_JOINTS, "body_pose")  # (B, 23, 3, 3)
-        B, dtype = body.shape[0], body.dtype
-        if global_orient is None:
-            root = torch.eye(3, dtype=dtype, device=body.device).expand(B, 1, 3, 3)
-        else:
-            root = _as_rotmats(global_orient, 1, "global_orient").to(dtype)  # (B, 1, 3, 3)
-        if root.shape[0] != B:
-            raise ValueError(f"global_orient has batch {root.shape[0]}, body_pose has {B}")
-        if transl is not None and transl.shape != (B, 3):
-            raise ValueError(f"transl must be ({B}, 3); got {tuple(transl.shape)}")
-        R = torch.cat([root, body], dim=1)  # (B, 24, 3, 3)
-        if betas is not None:
-            betas = betas.to(dtype)
-        vertices, extra = None, {}
-        if self.has_mesh and return_vertices:
-            if self.v_template.dtype != dtype:
-                raise ValueError(f"the model holds {self.v_template.dtype} buffers and the pose is {dtype}: "
-                                 f"call .to({dtype}) on the model, or pass {self.v_template.dtype} inputs")
-            self._check_betas(betas, B)
-            # On CPU, skin in chunks of bodies: a (B, V, 12) temporary at B = 512 is 170 MB, and
-            # allocations that large are mapped fresh (and page-faulted) on every call, while chunk-sized
-            # ones (< 32 MB, glibc's mmap threshold) are reused. About 1.4x faster; same numbers.
-            chunk = _CPU_LBS_CHUNK if R.device.type == "cpu" else B
-            parts = [lbs(R[i:i + chunk], None if betas is None else betas[i:i + chunk], self.v_template,
-                         self.shapedirs, self.posedirs, self.J_template, self.J_shapedirs, self.lbs_weights)
-                     for i in range(0, B, chunk)]
-            vertices, joints, transforms = (torch.cat(tensors) for tensors in zip(*parts))
-        else:
-            joints, transforms = forward_kinematics(
-                R, self.rest_joints(betas, B).to(dtype))  # (B, 24, 3), (B, 24, 4, 4)
-        if transl is not None:
-            joints = joints + transl[:, None].to(dtype)  # (B, 24, 3)
-            if vertices is not None:
-                vertices = vertices + transl[:, None].to(dtype)  # (B, V, 3)
-        if vertices is not None:
-            for name in self.extra_regressor_names:
-                extra[name] = torch.matmul(getattr(self, f"J_regressor_{name}"), vertices)  # (B, K, 3)
-        return SMPLOutput(joints=joints, vertices=vertices, transforms=transforms, extra=extra)
-
-
-def pose_joints(pose: torch.Tensor, body: SMPL | None = None) -> torch.Tensor:
-    """The 24 joints of a batch of poses, joints only (no mesh, no translation: the pelvis stays at its
-    rest location whatever the global orientation). -> (B, 24, 3) metres.
-
-    pose, told apart by its shape:
-      (B, 24, 3)     axis-angle, as the data sets store a pose;
-      (B, 144)       the pose head's rot6d numbers (model.py: joint-major, each joint's column 0 then
-                     column 1), made rotations by Gram-Schmidt (rot6d_to_matrix);
-      (B, 24, 3, 3)  rotation matrices.
-    body: an SMPL (the official model, or a skeleton); None = the built-in skeleton, on the CPU, which
-    PoseWorld is made with."""
-    if pose.dim() == 2 and pose.shape[1] == NUM_JOINTS * 6:
-        R = rot6d_to_matrix(pose.reshape(pose.shape[0], NUM_JOINTS, 6))  # (B, 24, 3, 3)
-    elif pose.dim() == 3 and pose.shape[1:] == (NUM_JOINTS, 3):
-        R = pose  # (B, 24, 3) axis-angle: SMPL.forward turns it into matrices
-    elif pose.dim() == 4 and pose.shape[1:] == (NUM_JOINTS, 3, 3):
-        R = pose  # (B, 24, 3, 3)
-    else:
-        raise ValueError(f"pose_joints expects axis-angle poses (B, 24, 3), rot6d poses (B, 144) or rotation "
-                         f"matrices (B, 24, 3, 3); got {tuple(pose.shape)}")
-    body = _builtin_skeleton() if body is None else body
-    return body(R[:, 1:], global_orient=R[:, 0], return_vertices=False).joints  # (B, 24, 3)
-
-
-@functools.lru_cache(maxsize=1)
-def _builtin_skeleton() -> SMPL:
-    return SMPL()
-
-
-def build_body_model(smpl_path: str, device) -> SMPL:
-    """The official SMPL file when given, else the built-in skeleton (PoseWorld is made with it)."""
-    body = SMPL.from_file(smpl_path) if smpl_path else SMPL()
-    return body.to(device)
