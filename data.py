@@ -13,18 +13,19 @@ with the same one-to-many structure as the real tasks:
 It is the training and evaluation world of the `tiny` preset, and its semantic checker
 (`check_posecodes`) is exact: a caption only mentions codes that hold with a margin for its own pose.
 
-Sections:
+Sections, top-down:
 1. Archetypes and the pose sampler (joint-limited noise around ~14 archetypal poses)
 2. Posecodes (after PoseScript, Delmas et al. 2022) and the exact semantic checker
 3. Captions from posecodes
 4. Cameras, projection and images of the posed skeleton
 5. VQA about the pictured pose
 6. The PoseWorld data set (t2p / i2p / vqa samples, splits, on-disk cache)
-7. Pictures: a zlib-only PNG writer and `render_poses` (grids of skeletons, Fig. 5 and the README)
-8. The conversation format (LLaVA v1), tokenisation with labels on the answer, collation, image
-   preprocessing for both encoders (CLIP and the HMR2.0 ViT), sharded loading under torchrun
-9. The real data sets of Sec. 4.1: PoseScript, 3DPW, Human3.6M, LLaVA-Instruct-150k (BEDLAM-Script:
-   see the note at the end of the file)
+7. The conversation format (LLaVA v1), tokenisation with labels on the answer, image preprocessing for
+   both encoders (CLIP and the HMR2.0 ViT), collation, sharded loading under torchrun, `build_datasets`
+File formats, not in the paper:
+8. Pictures: a zlib-only PNG writer and `render_poses` (grids of skeletons, Fig. 5 and the README)
+9. Real images and the real data sets of Sec. 4.1: PoseScript, 3DPW, Human3.6M, LLaVA-Instruct-150k
+   (BEDLAM-Script: see the note at the end of the file)
 
 Frames: PoseWorld poses are made in the SMPL body frame (y up, the body faces +z, its left is +x) with
 the identity global orientation. Cameras follow OpenCV (x right, y down, z forward), as HMR2.0 does,
@@ -1091,134 +1092,7 @@ class PoseWorld(torch.utils.data.Dataset):
 
 
 # ====================================================================================================
-# 7. Pictures: a PNG writer and grids of skeletons
-
-def write_png(path: str, rgb) -> None:
-    """Write an 8-bit RGB image (H, W, 3) uint8 (numpy array or tensor) as a PNG, with zlib only.
-
-    PNG = signature, then chunks (length, type, data, CRC-32 of type + data): IHDR (size, bit depth 8,
-    colour type 2 = RGB), IDAT (zlib stream of the rows, each prefixed by filter type 0), IEND.
-    Written to a temporary name, then renamed: a reader never sees half a file."""
-    image = torch.as_tensor(rgb).cpu()
-    if image.dim() != 3 or image.shape[2] != 3 or image.dtype != torch.uint8:
-        raise ValueError(f"write_png expects uint8 RGB (H, W, 3); got {image.dtype} {tuple(image.shape)}")
-    H, W, _ = image.shape
-    rows = torch.cat([torch.zeros(H, 1, dtype=torch.uint8), image.reshape(H, 3 * W)], 1)  # (H, 1 + 3W)
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", W, H, 8, 2, 0, 0, 0))
-           + chunk(b"IDAT", zlib.compress(rows.contiguous().numpy().tobytes(), 6)) + chunk(b"IEND", b""))
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(png)
-    os.replace(tmp, path)
-
-
-# A 3x5 bitmap font (rows top to bottom, 3 bits each) for panel titles; lower case is drawn as upper.
-_FONT = {
-    "0": "111101101101111", "1": "010110010010111", "2": "111001111100111", "3": "111001111001111",
-    "4": "101101111001001", "5": "111100111001111", "6": "111100111101111", "7": "111001001001001",
-    "8": "111101111101111", "9": "111101111001111", "A": "010101111101101", "B": "110101110101110",
-    "C": "011100100100011", "D": "110101101101110", "E": "111100110100111", "F": "111100110100100",
-    "G": "011100101101011", "H": "101101111101101", "I": "111010010010111", "J": "001001001101010",
-    "K": "101101110101101", "L": "100100100100111", "M": "101111111101101", "N": "110101101101101",
-    "O": "010101101101010", "P": "110101110100100", "Q": "010101101110011", "R": "110101110101101",
-    "S": "011100010001110", "T": "111010010010010", "U": "101101101101111", "V": "101101101101010",
-    "W": "101101111111101", "X": "101101010101101", "Y": "101101010010010", "Z": "111001010100111",
-    " ": "000000000000000", ".": "000000000000010", ",": "000000000010100", "-": "000000111000000",
-    "+": "000010111010000", ":": "000010000010000", "=": "000111000111000", "/": "001001010100100",
-    "(": "010100100100010", ")": "010001001001010", "%": "101001010100101", "_": "000000000000111",
-    "?": "111001010000010", "'": "010010000000000",
-}
-
-
-def _fit(text: str, n: int) -> str:
-    """text cut to n characters, ending in '..' when cut (a caption shortened to its row's width)."""
-    return text if len(text) <= n else text[:max(0, n - 2)].rstrip() + ".."
-
-
-def _draw_text(canvas: torch.Tensor, text: str, row: int, col: int, scale: int = 1) -> None:
-    """Draw text in light grey on canvas (3, H, W) uint8 at (row, col), clipped; unknown characters
-    are drawn as '?'."""
-    H, W = canvas.shape[1:]
-    for n, ch in enumerate(text.upper()):
-        bits = torch.tensor([int(b) for b in _FONT.get(ch, _FONT["?"])], dtype=torch.bool).view(5, 3)  # (5, 3)
-        glyph = bits.repeat_interleave(scale, 0).repeat_interleave(scale, 1)  # (5s, 3s)
-        r0, c0 = row, col + n * 4 * scale
-        h, w = min(glyph.shape[0], H - r0), min(glyph.shape[1], W - c0)
-        if h <= 0 or w <= 0:
-            break
-        region = canvas[:, r0:r0 + h, c0:c0 + w]  # (3, h, w) a view
-        region[:, glyph[:h, :w]] = 220
-
-
-# Orthographic views: rows of the matrix map body-frame points to (u right, v down, depth away).
-VIEWS = {
-    "front": [[1, 0, 0], [0, -1, 0], [0, 0, -1]],  # seen from the front: the body's left on the image right
-    "side": [[0, 0, -1], [0, -1, 0], [-1, 0, 0]],  # seen from the body's left: its front on the image left
-    "back": [[-1, 0, 0], [0, -1, 0], [0, 0, 1]],
-    "top": [[1, 0, 0], [0, 0, 1], [0, -1, 0]],  # seen from above: the front at the bottom
-}
-
-
-def render_poses(joints, path: str, views=("front", "side"), titles=None, size: int = 128, cols: int | None = None,
-                 extent: float = 2.3, row_labels=None) -> torch.Tensor:
-    """Write a PNG grid of skeletons, one cell per pose, and in each cell one size x size panel per view.
-
-    joints: (N, 24, 3) tensor or a list of (24, 3), in the body frame (use pose_body for camera-frame
-    poses); titles: N strings drawn in each cell's corner with a 3x5 font (optional); cols: cells per
-    row (default ceil(sqrt(N))); extent: metres across a panel (the same scale in every panel, so
-    poses can be compared); row_labels: one string per row of cells, drawn in a band above the row and
-    shortened to its width (optional). Orthographic views, the colours of the PoseWorld images. Used for the
-    training-progress figure (Fig. 5) and the README. Returns the image (3, H, W) uint8."""
-    J = (torch.stack([torch.as_tensor(j) for j in joints]) if isinstance(joints, (list, tuple))
-         else torch.as_tensor(joints))
-    if J.dim() != 3 or J.shape[1:] != (24, 3) or J.shape[0] == 0:
-        raise ValueError(f"render_poses expects joints (N, 24, 3) with N >= 1; got {tuple(J.shape)}")
-    unknown = [v for v in views if v not in VIEWS]
-    if unknown or not views:
-        raise ValueError(f"views must be names from {tuple(VIEWS)}; got {views}")
-    if titles is not None and len(titles) != J.shape[0]:
-        raise ValueError(f"titles must give one string per pose ({J.shape[0]}); got {len(titles)}")
-    N, V = J.shape[0], len(views)
-    cols = cols or math.ceil(math.sqrt(N))
-    rows = math.ceil(N / cols)
-    if row_labels is not None and len(row_labels) != rows:
-        raise ValueError(f"row_labels must give one string per row of cells ({rows}); got {len(row_labels)}")
-    J = J.detach().cpu().float()
-    P = torch.cat([J, _head_centre(J)[:, None]], 1)  # (N, 25, 3)
-    a, b = [k for k, _ in _SEGMENTS], [k for _, k in _SEGMENTS]
-    canvas = torch.full((3, rows * size, cols * V * size), 40, dtype=torch.uint8)
-    scale = size / extent  # pixels per metre
-    for v, view in enumerate(views):
-        X = P @ torch.tensor(VIEWS[view], dtype=torch.float32).T  # (N, 25, 3) view coordinates
-        centre = (X[..., :2].amin(1) + X[..., :2].amax(1)) / 2  # (N, 2) centre each skeleton in its panel
-        uv = (X[..., :2] - centre[:, None]) * scale + (size - 1) / 2  # (N, 25, 2)
-        ends = torch.stack([uv[:, a], uv[:, b]], 2)  # (N, S, 2, 2)
-        depth = torch.stack([X[:, a, 2], X[:, b, 2]], 2)  # (N, S, 2)
-        radius = (SEGMENT_RADII * scale).clamp_min(1.0).expand(N, -1)  # (N, S)
-        panels = _paint(_rasterize(ends, depth, radius, size, size),
-                        torch.full((N, 3, size, size), 40, dtype=torch.uint8))  # (N, 3, size, size)
-        for i in range(N):
-            r, c = divmod(i, cols)
-            canvas[:, r * size:(r + 1) * size, (c * V + v) * size:(c * V + v + 1) * size] = panels[i]
-    canvas[:, ::size, :] = 90  # thin grid lines between cells and panels
-    canvas[:, :, ::size] = 90
-    s = max(1, size // 64)  # font scale: 5 px letters are unreadable on a 128 px panel
-    for i, title in enumerate(titles or []):
-        r, c = divmod(i, cols)
-        _draw_text(canvas, str(title), r * size + 3, c * V * size + 3, scale=s)
-    if row_labels is not None:  # a darker band above each row of cells holds its label
-        strips = []
-        for r, label in enumerate(row_labels):
-            band = torch.full((3, 9 * s, canvas.shape[2]), 20, dtype=torch.uint8)  # (3, 9s, W)
-            _draw_text(band, _fit(str(label), (canvas.shape[2] - 6) // (4 * s)), 2 * s, 3, scale=s)
-            strips += [band, canvas[:, r * size:(r + 1) * size]]
-        canvas = torch.cat(strips, 1)  # (3, rows * (size + 9s), W)
-    write_png(path, canvas.permute(1, 2, 0))
-    return canvas
+# 7. The conversation format (LLaVA v1), tokenisation, image preprocessing, collation, loading
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1378,69 +1252,6 @@ def pose_vit_preprocess(images: torch.Tensor, size: tuple[int, int] = (256, 192)
     x = _normalize(_resize_uint8(images, (H, H), "bilinear"), IMAGENET_MEAN, IMAGENET_STD)  # (N, 3, H, H)
     left = (H - W) // 2
     return x[:, :, :, left:left + W]  # (N, 3, H, W)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Real images
-
-
-def load_image(path: str) -> torch.Tensor:
-    """Decode an image file with Pillow. -> uint8 (3, H, W), RGB."""
-    try:
-        from PIL import Image
-    except ImportError as e:
-        raise ImportError("Reading real images needs Pillow: pip install pillow "
-                          "(PoseWorld and the annotation-only loaders do not need it)") from e
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"image not found: {path}")
-    with Image.open(path) as im:
-        rgb = np.asarray(im.convert("RGB"))  # (H, W, 3) uint8
-    return torch.from_numpy(rgb.copy()).permute(2, 0, 1).contiguous()  # (3, H, W)
-
-
-def crop_box(image: torch.Tensor, center, box_size: float, out_size: int) -> torch.Tensor:
-    """The square box of side box_size pixels centred at center = (x, y), zero outside the image (as
-    HMR2.0's constant border), resized to out_size x out_size. (3, H, W) uint8 -> (3, out, out) uint8."""
-    if image.dim() != 3 or image.shape[0] != 3:
-        raise ValueError(f"expected an image (3, H, W), got {tuple(image.shape)}")
-    side = max(1, int(round(box_size)))
-    x0, y0 = int(round(center[0] - side / 2)), int(round(center[1] - side / 2))
-    H, W = image.shape[1:]
-    out = torch.zeros(3, side, side, dtype=image.dtype)  # (3, side, side)
-    sx0, sy0, sx1, sy1 = max(x0, 0), max(y0, 0), min(x0 + side, W), min(y0 + side, H)
-    if sx1 > sx0 and sy1 > sy0:
-        out[:, sy0 - y0:sy1 - y0, sx0 - x0:sx1 - x0] = image[:, sy0:sy1, sx0:sx1]
-    return _resize_uint8(out[None], (out_size, out_size), "bilinear")[0].to(torch.uint8)  # (3, out, out)
-
-
-# HMR2.0's ViT sees a 192 x 256 (width x height) window: 4D-Humans sets MODEL.BBOX_SHAPE = [192, 256] for
-# the ViT backbone (hmr2/models/__init__.py) and expands every person box to that aspect before cropping.
-POSE_VIT_BOX_ASPECT = (192, 256)
-
-
-def hmr2_crop_side(width: float, height: float, aspect=POSE_VIT_BOX_ASPECT) -> float:
-    """The side of the square crop HMR2.0 takes around a person box of width x height pixels.
-
-    4D-Humans (hmr2/datasets/utils.py, expand_to_aspect_ratio; used by image_dataset.py and
-    vitdet_dataset.py as `expand_to_aspect_ratio(scale * 200, BBOX_SHAPE).max()`) grows the box, never
-    shrinks it, to the aspect w:h = 192:256 and crops the square of its longer side: max(height,
-    width * 256 / 192). For a square box of side s that is 4/3 s, and the central 192 of the 256 columns
-    that its ViT reads (pose_vit_preprocess) then span exactly the box's width. Cropping the box side
-    itself would frame the person 4/3 larger than HMR2.0 was trained on and cut wide poses.
-    """
-    w_t, h_t = aspect
-    return max(float(height), float(width) * h_t / w_t)
-
-
-def box_from_keypoints(keypoints: np.ndarray, scale_factor: float = 1.2):
-    """(center (x, y), side) of the square box around 2D keypoints (K, 3) = (x, y, confidence), keeping
-    those with confidence > 0, enlarged by scale_factor (SPIN's 3DPW preprocessing uses 1.2).
-    None when no keypoint is confident."""
-    kp = keypoints[keypoints[:, 2] > 0, :2]
-    if len(kp) == 0:
-        return None
-    lo, hi = kp.min(0), kp.max(0)
-    return ((lo + hi) / 2).tolist(), float(scale_factor * (hi - lo).max())
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1618,6 +1429,208 @@ def build_datasets(cfg, split: str):
             raise SystemExit(f"unknown data set {name!r} in --data; choose from poseworld, posescript, "
                              f"h36m, llava_instruct")
     return sets[0] if len(sets) == 1 else torch.utils.data.ConcatDataset(sets)
+
+
+# ====================================================================================================
+# File formats: not in the paper
+#
+# Pictures (a zlib-only PNG writer with a bitmap font, `render_poses`), real images, and the readers of
+# the real data sets of Sec. 4.1 (PoseScript, 3DPW, Human3.6M, LLaVA-Instruct-150k).
+# ----------------------------------------------------------------------------------------------------
+# 8. Pictures: a PNG writer and grids of skeletons
+
+
+def write_png(path: str, rgb) -> None:
+    """Write an 8-bit RGB image (H, W, 3) uint8 (numpy array or tensor) as a PNG, with zlib only.
+
+    PNG = signature, then chunks (length, type, data, CRC-32 of type + data): IHDR (size, bit depth 8,
+    colour type 2 = RGB), IDAT (zlib stream of the rows, each prefixed by filter type 0), IEND.
+    Written to a temporary name, then renamed: a reader never sees half a file."""
+    image = torch.as_tensor(rgb).cpu()
+    if image.dim() != 3 or image.shape[2] != 3 or image.dtype != torch.uint8:
+        raise ValueError(f"write_png expects uint8 RGB (H, W, 3); got {image.dtype} {tuple(image.shape)}")
+    H, W, _ = image.shape
+    rows = torch.cat([torch.zeros(H, 1, dtype=torch.uint8), image.reshape(H, 3 * W)], 1)  # (H, 1 + 3W)
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", W, H, 8, 2, 0, 0, 0))
+           + chunk(b"IDAT", zlib.compress(rows.contiguous().numpy().tobytes(), 6)) + chunk(b"IEND", b""))
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(png)
+    os.replace(tmp, path)
+
+
+# A 3x5 bitmap font (rows top to bottom, 3 bits each) for panel titles; lower case is drawn as upper.
+_FONT = {
+    "0": "111101101101111", "1": "010110010010111", "2": "111001111100111", "3": "111001111001111",
+    "4": "101101111001001", "5": "111100111001111", "6": "111100111101111", "7": "111001001001001",
+    "8": "111101111101111", "9": "111101111001111", "A": "010101111101101", "B": "110101110101110",
+    "C": "011100100100011", "D": "110101101101110", "E": "111100110100111", "F": "111100110100100",
+    "G": "011100101101011", "H": "101101111101101", "I": "111010010010111", "J": "001001001101010",
+    "K": "101101110101101", "L": "100100100100111", "M": "101111111101101", "N": "110101101101101",
+    "O": "010101101101010", "P": "110101110100100", "Q": "010101101110011", "R": "110101110101101",
+    "S": "011100010001110", "T": "111010010010010", "U": "101101101101111", "V": "101101101101010",
+    "W": "101101111111101", "X": "101101010101101", "Y": "101101010010010", "Z": "111001010100111",
+    " ": "000000000000000", ".": "000000000000010", ",": "000000000010100", "-": "000000111000000",
+    "+": "000010111010000", ":": "000010000010000", "=": "000111000111000", "/": "001001010100100",
+    "(": "010100100100010", ")": "010001001001010", "%": "101001010100101", "_": "000000000000111",
+    "?": "111001010000010", "'": "010010000000000",
+}
+
+
+def _fit(text: str, n: int) -> str:
+    """text cut to n characters, ending in '..' when cut (a caption shortened to its row's width)."""
+    return text if len(text) <= n else text[:max(0, n - 2)].rstrip() + ".."
+
+
+def _draw_text(canvas: torch.Tensor, text: str, row: int, col: int, scale: int = 1) -> None:
+    """Draw text in light grey on canvas (3, H, W) uint8 at (row, col), clipped; unknown characters
+    are drawn as '?'."""
+    H, W = canvas.shape[1:]
+    for n, ch in enumerate(text.upper()):
+        bits = torch.tensor([int(b) for b in _FONT.get(ch, _FONT["?"])], dtype=torch.bool).view(5, 3)  # (5, 3)
+        glyph = bits.repeat_interleave(scale, 0).repeat_interleave(scale, 1)  # (5s, 3s)
+        r0, c0 = row, col + n * 4 * scale
+        h, w = min(glyph.shape[0], H - r0), min(glyph.shape[1], W - c0)
+        if h <= 0 or w <= 0:
+            break
+        region = canvas[:, r0:r0 + h, c0:c0 + w]  # (3, h, w) a view
+        region[:, glyph[:h, :w]] = 220
+
+
+# Orthographic views: rows of the matrix map body-frame points to (u right, v down, depth away).
+VIEWS = {
+    "front": [[1, 0, 0], [0, -1, 0], [0, 0, -1]],  # seen from the front: the body's left on the image right
+    "side": [[0, 0, -1], [0, -1, 0], [-1, 0, 0]],  # seen from the body's left: its front on the image left
+    "back": [[-1, 0, 0], [0, -1, 0], [0, 0, 1]],
+    "top": [[1, 0, 0], [0, 0, 1], [0, -1, 0]],  # seen from above: the front at the bottom
+}
+
+
+def render_poses(joints, path: str, views=("front", "side"), titles=None, size: int = 128, cols: int | None = None,
+                 extent: float = 2.3, row_labels=None) -> torch.Tensor:
+    """Write a PNG grid of skeletons, one cell per pose, and in each cell one size x size panel per view.
+
+    joints: (N, 24, 3) tensor or a list of (24, 3), in the body frame (use pose_body for camera-frame
+    poses); titles: N strings drawn in each cell's corner with a 3x5 font (optional); cols: cells per
+    row (default ceil(sqrt(N))); extent: metres across a panel (the same scale in every panel, so
+    poses can be compared); row_labels: one string per row of cells, drawn in a band above the row and
+    shortened to its width (optional). Orthographic views, the colours of the PoseWorld images. Used for the
+    training-progress figure (Fig. 5) and the README. Returns the image (3, H, W) uint8."""
+    J = (torch.stack([torch.as_tensor(j) for j in joints]) if isinstance(joints, (list, tuple))
+         else torch.as_tensor(joints))
+    if J.dim() != 3 or J.shape[1:] != (24, 3) or J.shape[0] == 0:
+        raise ValueError(f"render_poses expects joints (N, 24, 3) with N >= 1; got {tuple(J.shape)}")
+    unknown = [v for v in views if v not in VIEWS]
+    if unknown or not views:
+        raise ValueError(f"views must be names from {tuple(VIEWS)}; got {views}")
+    if titles is not None and len(titles) != J.shape[0]:
+        raise ValueError(f"titles must give one string per pose ({J.shape[0]}); got {len(titles)}")
+    N, V = J.shape[0], len(views)
+    cols = cols or math.ceil(math.sqrt(N))
+    rows = math.ceil(N / cols)
+    if row_labels is not None and len(row_labels) != rows:
+        raise ValueError(f"row_labels must give one string per row of cells ({rows}); got {len(row_labels)}")
+    J = J.detach().cpu().float()
+    P = torch.cat([J, _head_centre(J)[:, None]], 1)  # (N, 25, 3)
+    a, b = [k for k, _ in _SEGMENTS], [k for _, k in _SEGMENTS]
+    canvas = torch.full((3, rows * size, cols * V * size), 40, dtype=torch.uint8)
+    scale = size / extent  # pixels per metre
+    for v, view in enumerate(views):
+        X = P @ torch.tensor(VIEWS[view], dtype=torch.float32).T  # (N, 25, 3) view coordinates
+        centre = (X[..., :2].amin(1) + X[..., :2].amax(1)) / 2  # (N, 2) centre each skeleton in its panel
+        uv = (X[..., :2] - centre[:, None]) * scale + (size - 1) / 2  # (N, 25, 2)
+        ends = torch.stack([uv[:, a], uv[:, b]], 2)  # (N, S, 2, 2)
+        depth = torch.stack([X[:, a, 2], X[:, b, 2]], 2)  # (N, S, 2)
+        radius = (SEGMENT_RADII * scale).clamp_min(1.0).expand(N, -1)  # (N, S)
+        panels = _paint(_rasterize(ends, depth, radius, size, size),
+                        torch.full((N, 3, size, size), 40, dtype=torch.uint8))  # (N, 3, size, size)
+        for i in range(N):
+            r, c = divmod(i, cols)
+            canvas[:, r * size:(r + 1) * size, (c * V + v) * size:(c * V + v + 1) * size] = panels[i]
+    canvas[:, ::size, :] = 90  # thin grid lines between cells and panels
+    canvas[:, :, ::size] = 90
+    s = max(1, size // 64)  # font scale: 5 px letters are unreadable on a 128 px panel
+    for i, title in enumerate(titles or []):
+        r, c = divmod(i, cols)
+        _draw_text(canvas, str(title), r * size + 3, c * V * size + 3, scale=s)
+    if row_labels is not None:  # a darker band above each row of cells holds its label
+        strips = []
+        for r, label in enumerate(row_labels):
+            band = torch.full((3, 9 * s, canvas.shape[2]), 20, dtype=torch.uint8)  # (3, 9s, W)
+            _draw_text(band, _fit(str(label), (canvas.shape[2] - 6) // (4 * s)), 2 * s, 3, scale=s)
+            strips += [band, canvas[:, r * size:(r + 1) * size]]
+        canvas = torch.cat(strips, 1)  # (3, rows * (size + 9s), W)
+    write_png(path, canvas.permute(1, 2, 0))
+    return canvas
+
+
+# ----------------------------------------------------------------------------------------------------
+# 9. Real images and the real data sets of Sec. 4.1
+#
+# Real images
+
+
+def load_image(path: str) -> torch.Tensor:
+    """Decode an image file with Pillow. -> uint8 (3, H, W), RGB."""
+    try:
+        from PIL import Image
+    except ImportError as e:
+        raise ImportError("Reading real images needs Pillow: pip install pillow "
+                          "(PoseWorld and the annotation-only loaders do not need it)") from e
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"image not found: {path}")
+    with Image.open(path) as im:
+        rgb = np.asarray(im.convert("RGB"))  # (H, W, 3) uint8
+    return torch.from_numpy(rgb.copy()).permute(2, 0, 1).contiguous()  # (3, H, W)
+
+
+def crop_box(image: torch.Tensor, center, box_size: float, out_size: int) -> torch.Tensor:
+    """The square box of side box_size pixels centred at center = (x, y), zero outside the image (as
+    HMR2.0's constant border), resized to out_size x out_size. (3, H, W) uint8 -> (3, out, out) uint8."""
+    if image.dim() != 3 or image.shape[0] != 3:
+        raise ValueError(f"expected an image (3, H, W), got {tuple(image.shape)}")
+    side = max(1, int(round(box_size)))
+    x0, y0 = int(round(center[0] - side / 2)), int(round(center[1] - side / 2))
+    H, W = image.shape[1:]
+    out = torch.zeros(3, side, side, dtype=image.dtype)  # (3, side, side)
+    sx0, sy0, sx1, sy1 = max(x0, 0), max(y0, 0), min(x0 + side, W), min(y0 + side, H)
+    if sx1 > sx0 and sy1 > sy0:
+        out[:, sy0 - y0:sy1 - y0, sx0 - x0:sx1 - x0] = image[:, sy0:sy1, sx0:sx1]
+    return _resize_uint8(out[None], (out_size, out_size), "bilinear")[0].to(torch.uint8)  # (3, out, out)
+
+
+# HMR2.0's ViT sees a 192 x 256 (width x height) window: 4D-Humans sets MODEL.BBOX_SHAPE = [192, 256] for
+# the ViT backbone (hmr2/models/__init__.py) and expands every person box to that aspect before cropping.
+POSE_VIT_BOX_ASPECT = (192, 256)
+
+
+def hmr2_crop_side(width: float, height: float, aspect=POSE_VIT_BOX_ASPECT) -> float:
+    """The side of the square crop HMR2.0 takes around a person box of width x height pixels.
+
+    4D-Humans (hmr2/datasets/utils.py, expand_to_aspect_ratio; used by image_dataset.py and
+    vitdet_dataset.py as `expand_to_aspect_ratio(scale * 200, BBOX_SHAPE).max()`) grows the box, never
+    shrinks it, to the aspect w:h = 192:256 and crops the square of its longer side: max(height,
+    width * 256 / 192). For a square box of side s that is 4/3 s, and the central 192 of the 256 columns
+    that its ViT reads (pose_vit_preprocess) then span exactly the box's width. Cropping the box side
+    itself would frame the person 4/3 larger than HMR2.0 was trained on and cut wide poses.
+    """
+    w_t, h_t = aspect
+    return max(float(height), float(width) * h_t / w_t)
+
+
+def box_from_keypoints(keypoints: np.ndarray, scale_factor: float = 1.2):
+    """(center (x, y), side) of the square box around 2D keypoints (K, 3) = (x, y, confidence), keeping
+    those with confidence > 0, enlarged by scale_factor (SPIN's 3DPW preprocessing uses 1.2).
+    None when no keypoint is confident."""
+    kp = keypoints[keypoints[:, 2] > 0, :2]
+    if len(kp) == 0:
+        return None
+    lo, hi = kp.min(0), kp.max(0)
+    return ((lo + hi) / 2).tolist(), float(scale_factor * (hi - lo).max())
 
 
 # ----------------------------------------------------------------------------------------------------
