@@ -7,8 +7,10 @@ both directions, text-to-pose (R^T2P) and pose-to-text (R^P2T), under the two pr
 Figures: the reward curves of one run or of several runs over seeds (Fig. 4, Table 5) as plain SVG, one
 panel per reward and task (`reward_curves_svg`, `comparison_svg`; `python eval.py --compare ... --figure=f.svg`).
 
-The metric functions are pure functions over tensors and come first. Units: joints in metres in,
-errors in metres out; printed tables multiply by 1000 for millimetres. Recalls are in percent.
+The metric functions are pure functions over tensors and come first; then the evaluation of a policy,
+the tables and the command line; the SVG figures last, under "File formats: not in the paper". Units:
+joints in metres in, errors in metres out; printed tables multiply by 1000 for millimetres. Recalls are
+in percent.
 """
 from __future__ import annotations
 
@@ -642,6 +644,121 @@ def compare_runs(groups: dict) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------
+# Command line: python eval.py --ckpt=out/tiny-rft
+
+
+def main(argv=None):
+    """Evaluate a checkpoint: PoseWorld test (image-to-pose, text-to-pose with both retrievers under both
+    protocols, posecode accuracy, VQA, format), plus 3DPW / Human3.6M test when their paths are given.
+    Prints the table and writes eval.json and eval.md next to the checkpoint (or to --out_dir)."""
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "--compare":  # python eval.py --compare LABEL=out/a0,out/a1 LABEL=... [--figure=f.svg]
+        groups, figure = {}, None
+        for spec in argv[1:]:
+            if spec.startswith("--figure="):
+                figure = spec[len("--figure="):]
+            elif not spec.startswith("--"):
+                label, _, runs = spec.rpartition("=")
+                groups[label or spec] = [r for r in runs.split(",") if r]
+            else:
+                groups = {}  # an unknown option: print the usage
+                break
+        if not groups or figure == "":
+            raise SystemExit("usage: python eval.py --compare NAME=run_seed0,run_seed1,run_seed2 [NAME2=...] "
+                             "[--figure=reward_curves.svg]")
+        if figure:  # Fig. 4 / Table 5: the reward curves of the groups overlaid, from each run's metrics.jsonl
+            paths = {label: [os.path.join(run, "metrics.jsonl") for run in runs] for label, runs in groups.items()}
+            missing = [p for ps in paths.values() for p in ps if not os.path.isfile(p)]
+            if missing:
+                raise SystemExit(f"--figure: {missing[0]} not found (train_rft.py writes it in its out_dir)")
+            write_svg(comparison_svg(paths), figure)
+            print(f"wrote {figure}")
+        table = compare_runs(groups)
+        print(table)
+        return table
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("--ckpt", required=True, help="a checkpoint folder written by train_sft.py / train_rft.py")
+    p.add_argument("--retrievers", default="", help="folder holding retriever_eval/ and retriever_reward/ "
+                   "(default: the checkpoint's SFT folder)")
+    p.add_argument("--limit", type=int, default=None, help="first N test samples (default: all)")
+    p.add_argument("--agreement_prompts", type=int, default=96, help="test captions whose G sampled poses "
+                   "measure the retriever-checker rank agreement (0: skip)")
+    p.add_argument("--split", default="test")
+    p.add_argument("--out_dir", default="")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--llava_path", default="")
+    p.add_argument("--pose_encoder_path", default="")
+    p.add_argument("--smpl_path", default="", help="official NEUTRAL SMPL file, for the prediction (needed for "
+                   "3DPW/H36M protocols)")
+    p.add_argument("--smpl_male_path", default="", help="official MALE SMPL file, for 3DPW's ground truth")
+    p.add_argument("--smpl_female_path", default="", help="official FEMALE SMPL file, for 3DPW's ground truth")
+    p.add_argument("--h36m_regressor", default="", help="J_regressor_h36m.npy for the 14-joint protocol")
+    p.add_argument("--bge_path", default="", help="BAAI/bge-m3 folder for the VQA similarity")
+    p.add_argument("--pw3d_root", default="", help="3DPW root (sequenceFiles/, imageFiles/)")
+    p.add_argument("--h36m_npz", default="")
+    p.add_argument("--h36m_images", default="")
+    args = p.parse_args(argv)
+    if args.limit is not None and args.limit <= 0:
+        raise SystemExit(f"--limit={args.limit}: a positive number of test samples, or leave it out for all")
+    if args.ckpt.startswith("--") or not os.path.isdir(args.ckpt):
+        raise SystemExit(f"--ckpt: no checkpoint folder at {args.ckpt!r}")
+    device = torch.device(args.device)
+    policy, tokenizer, extra = M.load_checkpoint(args.ckpt, llava_path=args.llava_path or None,
+                                                 pose_encoder_path=args.pose_encoder_path or None, device=device)
+    cfg = (extra or {}).get("config", {})
+    ret_dir = args.retrievers or (args.ckpt if os.path.isdir(os.path.join(args.ckpt, "retriever_eval"))
+                                  else cfg.get("sft_dir", ""))
+    retrievers = {name: rewards.PoseTextRetriever.load(os.path.join(ret_dir, f"retriever_{name}"), device=device)
+                  for name in ("eval", "reward")}
+    extra_regs = {"h36m": args.h36m_regressor} if args.h36m_regressor else None
+    body_model = (smpl.SMPL.from_file(args.smpl_path, extra_regressors=extra_regs) if args.smpl_path
+                  else smpl.SMPL()).to(device)
+    if args.bge_path:
+        embedder = rewards.BGEM3TextEmbedder(args.bge_path, device=device)
+    else:  # the built-in stand-in for BGE-M3: the SFT model's mean-pooled hidden states (pi_ref in RFT)
+        policy.requires_grad_(False)  # evaluation trains nothing
+        if policy._reference is None:  # an SFT checkpoint: it is its own reference
+            policy.freeze_reference()
+        embedder = rewards.MeanPoolEmbedder(M.reference_hidden_states(policy), tokenizer, device=device)
+    world = data.PoseWorld(args.split, seed=cfg.get("seed", 0), image_size=cfg.get("image_size", 64))
+    train = data.PoseWorld("train", size=cfg.get("poseworld_size", 6000), seed=cfg.get("seed", 0),
+                           image_size=cfg.get("image_size", 64))
+    baseline_poses = {task: train.poses[train.task_indices(task)] for task in ("i2p", "t2p")}
+    # PoseWorld is made with the built-in skeleton: measure it with the same body (data.py's note)
+    results = evaluate(policy, tokenizer, world, smpl.SMPL().to(device), retrievers, embedder,
+                       limit=args.limit, device=device, baseline_poses=baseline_poses,
+                       agreement_prompts=args.agreement_prompts, G=cfg.get("G", 8))
+    if args.pw3d_root:
+        gt_models = None
+        if args.smpl_male_path and args.smpl_female_path and extra_regs:
+            gt_models = {g: smpl.SMPL.from_file(path, extra_regressors=extra_regs).to(device)
+                         for g, path in (("m", args.smpl_male_path), ("f", args.smpl_female_path))}
+        else:
+            print("3DPW: without --smpl_male_path, --smpl_female_path and --h36m_regressor the ground truth is "
+                  "not the published protocol's; the numbers are reported as APPROXIMATE (3dpw_approx_*)")
+        results.update(evaluate_real_i2p(policy, tokenizer, data.ThreeDPW(args.pw3d_root, "test", images=True),
+                                         body_model, "3dpw", args.limit, device=device, gt_body_models=gt_models))
+    if args.h36m_npz:
+        results.update(evaluate_real_i2p(policy, tokenizer,
+                                         data.Human36M(args.h36m_npz, args.h36m_images, images=True),
+                                         body_model, "h36m", args.limit, device=device))
+    table = format_comparison(results, title=f"{args.ckpt} on PoseWorld {args.split}")
+    out_dir = args.out_dir or args.ckpt
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "eval.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    with open(os.path.join(out_dir, "eval.md"), "w") as f:
+        f.write(table + "\n")
+    print(table)
+    return results
+
+
+# ====================================================================================================
+# File formats: not in the paper
+#
+# metrics.jsonl read back, and the reward curves written as plain SVG.
+# ----------------------------------------------------------------------------------------------------
 # Figures: reward curves (Fig. 4) as plain SVG, one panel per reward and task; no plotting library at run time
 
 CURVE_SCALARS = ("kl_d", "kl_c_exact")  # besides reward/<name>/<task>: the two KL terms, when logged
@@ -820,117 +937,6 @@ def write_svg(svg: str, path: str) -> None:
     with open(tmp, "w") as f:
         f.write(svg)
     os.replace(tmp, path)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Command line: python eval.py --ckpt=out/tiny-rft
-
-
-def main(argv=None):
-    """Evaluate a checkpoint: PoseWorld test (image-to-pose, text-to-pose with both retrievers under both
-    protocols, posecode accuracy, VQA, format), plus 3DPW / Human3.6M test when their paths are given.
-    Prints the table and writes eval.json and eval.md next to the checkpoint (or to --out_dir)."""
-
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] == "--compare":  # python eval.py --compare LABEL=out/a0,out/a1 LABEL=... [--figure=f.svg]
-        groups, figure = {}, None
-        for spec in argv[1:]:
-            if spec.startswith("--figure="):
-                figure = spec[len("--figure="):]
-            elif not spec.startswith("--"):
-                label, _, runs = spec.rpartition("=")
-                groups[label or spec] = [r for r in runs.split(",") if r]
-            else:
-                groups = {}  # an unknown option: print the usage
-                break
-        if not groups or figure == "":
-            raise SystemExit("usage: python eval.py --compare NAME=run_seed0,run_seed1,run_seed2 [NAME2=...] "
-                             "[--figure=reward_curves.svg]")
-        if figure:  # Fig. 4 / Table 5: the reward curves of the groups overlaid, from each run's metrics.jsonl
-            paths = {label: [os.path.join(run, "metrics.jsonl") for run in runs] for label, runs in groups.items()}
-            missing = [p for ps in paths.values() for p in ps if not os.path.isfile(p)]
-            if missing:
-                raise SystemExit(f"--figure: {missing[0]} not found (train_rft.py writes it in its out_dir)")
-            write_svg(comparison_svg(paths), figure)
-            print(f"wrote {figure}")
-        table = compare_runs(groups)
-        print(table)
-        return table
-    p = argparse.ArgumentParser(description=main.__doc__)
-    p.add_argument("--ckpt", required=True, help="a checkpoint folder written by train_sft.py / train_rft.py")
-    p.add_argument("--retrievers", default="", help="folder holding retriever_eval/ and retriever_reward/ "
-                   "(default: the checkpoint's SFT folder)")
-    p.add_argument("--limit", type=int, default=None, help="first N test samples (default: all)")
-    p.add_argument("--agreement_prompts", type=int, default=96, help="test captions whose G sampled poses "
-                   "measure the retriever-checker rank agreement (0: skip)")
-    p.add_argument("--split", default="test")
-    p.add_argument("--out_dir", default="")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--llava_path", default="")
-    p.add_argument("--pose_encoder_path", default="")
-    p.add_argument("--smpl_path", default="", help="official NEUTRAL SMPL file, for the prediction (needed for "
-                   "3DPW/H36M protocols)")
-    p.add_argument("--smpl_male_path", default="", help="official MALE SMPL file, for 3DPW's ground truth")
-    p.add_argument("--smpl_female_path", default="", help="official FEMALE SMPL file, for 3DPW's ground truth")
-    p.add_argument("--h36m_regressor", default="", help="J_regressor_h36m.npy for the 14-joint protocol")
-    p.add_argument("--bge_path", default="", help="BAAI/bge-m3 folder for the VQA similarity")
-    p.add_argument("--pw3d_root", default="", help="3DPW root (sequenceFiles/, imageFiles/)")
-    p.add_argument("--h36m_npz", default="")
-    p.add_argument("--h36m_images", default="")
-    args = p.parse_args(argv)
-    if args.limit is not None and args.limit <= 0:
-        raise SystemExit(f"--limit={args.limit}: a positive number of test samples, or leave it out for all")
-    if args.ckpt.startswith("--") or not os.path.isdir(args.ckpt):
-        raise SystemExit(f"--ckpt: no checkpoint folder at {args.ckpt!r}")
-    device = torch.device(args.device)
-    policy, tokenizer, extra = M.load_checkpoint(args.ckpt, llava_path=args.llava_path or None,
-                                                 pose_encoder_path=args.pose_encoder_path or None, device=device)
-    cfg = (extra or {}).get("config", {})
-    ret_dir = args.retrievers or (args.ckpt if os.path.isdir(os.path.join(args.ckpt, "retriever_eval"))
-                                  else cfg.get("sft_dir", ""))
-    retrievers = {name: rewards.PoseTextRetriever.load(os.path.join(ret_dir, f"retriever_{name}"), device=device)
-                  for name in ("eval", "reward")}
-    extra_regs = {"h36m": args.h36m_regressor} if args.h36m_regressor else None
-    body_model = (smpl.SMPL.from_file(args.smpl_path, extra_regressors=extra_regs) if args.smpl_path
-                  else smpl.SMPL()).to(device)
-    if args.bge_path:
-        embedder = rewards.BGEM3TextEmbedder(args.bge_path, device=device)
-    else:  # the built-in stand-in for BGE-M3: the SFT model's mean-pooled hidden states (pi_ref in RFT)
-        policy.requires_grad_(False)  # evaluation trains nothing
-        if policy._reference is None:  # an SFT checkpoint: it is its own reference
-            policy.freeze_reference()
-        embedder = rewards.MeanPoolEmbedder(M.reference_hidden_states(policy), tokenizer, device=device)
-    world = data.PoseWorld(args.split, seed=cfg.get("seed", 0), image_size=cfg.get("image_size", 64))
-    train = data.PoseWorld("train", size=cfg.get("poseworld_size", 6000), seed=cfg.get("seed", 0),
-                           image_size=cfg.get("image_size", 64))
-    baseline_poses = {task: train.poses[train.task_indices(task)] for task in ("i2p", "t2p")}
-    # PoseWorld is made with the built-in skeleton: measure it with the same body (data.py's note)
-    results = evaluate(policy, tokenizer, world, smpl.SMPL().to(device), retrievers, embedder,
-                       limit=args.limit, device=device, baseline_poses=baseline_poses,
-                       agreement_prompts=args.agreement_prompts, G=cfg.get("G", 8))
-    if args.pw3d_root:
-        gt_models = None
-        if args.smpl_male_path and args.smpl_female_path and extra_regs:
-            gt_models = {g: smpl.SMPL.from_file(path, extra_regressors=extra_regs).to(device)
-                         for g, path in (("m", args.smpl_male_path), ("f", args.smpl_female_path))}
-        else:
-            print("3DPW: without --smpl_male_path, --smpl_female_path and --h36m_regressor the ground truth is "
-                  "not the published protocol's; the numbers are reported as APPROXIMATE (3dpw_approx_*)")
-        results.update(evaluate_real_i2p(policy, tokenizer, data.ThreeDPW(args.pw3d_root, "test", images=True),
-                                         body_model, "3dpw", args.limit, device=device, gt_body_models=gt_models))
-    if args.h36m_npz:
-        results.update(evaluate_real_i2p(policy, tokenizer,
-                                         data.Human36M(args.h36m_npz, args.h36m_images, images=True),
-                                         body_model, "h36m", args.limit, device=device))
-    table = format_comparison(results, title=f"{args.ckpt} on PoseWorld {args.split}")
-    out_dir = args.out_dir or args.ckpt
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "eval.json"), "w") as f:
-        json.dump(results, f, indent=1)
-    with open(os.path.join(out_dir, "eval.md"), "w") as f:
-        f.write(table + "\n")
-    print(table)
-    return results
 
 
 if __name__ == "__main__":

@@ -60,6 +60,7 @@ import torch
 import torch.distributed
 import torch.nn as nn
 import torch.nn.functional as F
+from einops import rearrange
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch.utils.checkpoint import checkpoint
@@ -876,13 +877,12 @@ def attention(q, k, v, mask):
     are stacked along the query axis, so the (possibly cached) keys and values are used in place.
     SDPA's fused kernels accumulate the softmax in float32 under bf16/fp16 autocast.
     """
-    B, h, Tq, hs = q.shape
-    group = h // k.shape[1]
+    group = q.shape[1] // k.shape[1]
     if group > 1:
-        q = q.reshape(B, k.shape[1], group * Tq, hs)  # (B, kvh, group*Tq, hs)
+        q = rearrange(q, "B (kvh g) Tq hs -> B kvh (g Tq) hs", g=group)  # (B, kvh, group*Tq, hs)
         mask = mask.repeat(1, 1, group, 1)  # (B, 1, group*Tq, Tk)
     y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, kvh, group*Tq, hs)
-    return y.reshape(B, h, Tq, hs)  # (B, h, Tq, hs)
+    return rearrange(y, "B kvh (g Tq) hs -> B (kvh g) Tq hs", g=group)  # (B, h, Tq, hs)
 
 
 class KVCache:
@@ -927,15 +927,14 @@ class LlamaAttention(nn.Module):
         self.o_proj = nn.Linear(c.num_attention_heads * c.head_dim, c.hidden_size, bias=c.attention_bias)
 
     def forward(self, x, cos, sin, mask, cache=None):
-        B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, h, T, hs)
-        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, kvh, T, hs)
-        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, kvh, T, hs)
+        q = rearrange(self.q_proj(x), "B T (h hs) -> B h T hs", hs=self.head_dim)  # (B, h, T, hs)
+        k = rearrange(self.k_proj(x), "B T (kvh hs) -> B kvh T hs", hs=self.head_dim)  # (B, kvh, T, hs)
+        v = rearrange(self.v_proj(x), "B T (kvh hs) -> B kvh T hs", hs=self.head_dim)  # (B, kvh, T, hs)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, kvh, S, hs), S = cached + T
         y = attention(q, k, v, mask)  # (B, h, T, hs)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, d)
+        return self.o_proj(rearrange(y, "B h T hs -> B T (h hs)"))  # (B, T, d)
 
 
 class LlamaMLP(nn.Module):
@@ -1043,7 +1042,7 @@ class CLIPEmbeddings(nn.Module):
 
     def forward(self, pixel_values):
         patches = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype))  # (N, D, s, s)
-        patches = patches.flatten(2).transpose(1, 2)  # (N, P, D), row-major over the patch grid
+        patches = rearrange(patches, "N D s1 s2 -> N (s1 s2) D")  # (N, P, D), row-major over the patch grid
         cls = self.class_embedding.expand(patches.shape[0], 1, -1)  # (N, 1, D)
         x = torch.cat([cls, patches], dim=1)  # (N, 1+P, D)
         return x + self.position_embedding.weight  # (N, 1+P, D)
@@ -1060,11 +1059,10 @@ class CLIPAttention(nn.Module):
         self.out_proj = nn.Linear(D, D)
 
     def forward(self, x):
-        N, L, D = x.shape
-        q, k, v = (p(x).view(N, L, self.n_head, D // self.n_head).transpose(1, 2)
+        q, k, v = (rearrange(p(x), "N L (nh hs) -> N nh L hs", nh=self.n_head)
                    for p in (self.q_proj, self.k_proj, self.v_proj))  # (N, nh, L, hs) each
         y = F.scaled_dot_product_attention(q, k, v)  # (N, nh, L, hs)
-        return self.out_proj(y.transpose(1, 2).reshape(N, L, D))  # (N, L, D)
+        return self.out_proj(rearrange(y, "N nh L hs -> N L (nh hs)"))  # (N, L, D)
 
 
 class CLIPMLP(nn.Module):
@@ -1601,7 +1599,7 @@ class PatchEmbed(nn.Module):
 
     def forward(self, pixels):
         x = self.proj(pixels.to(self.proj.weight.dtype))  # (N, D, Hp, Wp)
-        return x.flatten(2).transpose(1, 2)  # (N, Hp*Wp, D), row-major over the grid
+        return rearrange(x, "N D Hp Wp -> N (Hp Wp) D")  # (N, Hp*Wp, D), row-major over the grid
 
 
 class PoseViTAttention(nn.Module):
@@ -1615,11 +1613,11 @@ class PoseViTAttention(nn.Module):
         self.proj = nn.Linear(D, D)
 
     def forward(self, x):
-        N, L, D = x.shape
-        # the fused output is laid out [q | k | v], each split into heads: (N, L, 3, nh, hs)
-        qkv = self.qkv(x).view(N, L, 3, self.n_head, D // self.n_head).permute(2, 0, 3, 1, 4)  # (3, N, nh, L, hs)
-        y = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # (N, nh, L, hs)
-        return self.proj(y.transpose(1, 2).reshape(N, L, D))  # (N, L, D)
+        # the fused output is laid out [q | k | v], each split into heads
+        qkv = rearrange(self.qkv(x), "N L (qkv nh hs) -> qkv N nh L hs", qkv=3, nh=self.n_head)  # (3, N, nh, L, hs)
+        q, k, v = qkv  # (N, nh, L, hs) each
+        y = F.scaled_dot_product_attention(q, k, v)  # (N, nh, L, hs)
+        return self.proj(rearrange(y, "N nh L hs -> N L (nh hs)"))  # (N, L, D)
 
 
 class PoseViTMLP(nn.Module):
