@@ -464,3 +464,40 @@ def test_oracle_reward_is_the_exact_posecode_check(world):
     with pytest.raises(ValueError, match="oracle"):  # data without posecodes: a clear error
         compute_rewards(candidates(["t2p"], [POSE_ANSWER], [True], J[:1], caption=["x"]), RewardContext(),
                         {"oracle": 1.0})
+
+
+def test_registering_again_replaces_the_same_reward():
+    """A notebook cell that defines and registers a reward, run twice (the second time edited), replaces
+    the first registration; another function under a taken name is still refused. Catches the registry
+    refusing a re-run cell, or silently letting a different reward take over a name."""
+    def cell():
+        @register_reward("rerun_me", kind="continuous", tasks=("t2p",))
+        def r_rerun_me(c, ctx):
+            return torch.zeros(len(c))
+        return r_rerun_me
+
+    try:
+        first, second = cell(), cell()
+        assert rewards.REWARDS["rerun_me"].fn is second and first is not second
+        with pytest.raises(ValueError, match="already registered"):
+            register_reward("rerun_me", kind="continuous", tasks=("t2p",))(lambda c, ctx: torch.zeros(len(c)))
+    finally:
+        rewards.REWARDS.pop("rerun_me", None)
+
+
+def test_candidate_fields_are_checked_by_their_declaration():
+    """Candidates checks every field from its declaration alone (lists: one entry per candidate; tensors:
+    per_candidate's shape and dtype; optional ones may be None), so a new field needs no check of its own.
+    Catches a wrong row count, a wrong trailing shape or dtype slipping through."""
+    N = 2
+    ok = dict(task=["t2p"] * N, text=["a"] * N, valid=torch.ones(N, dtype=torch.bool), pose=torch.zeros(N, 24, 3, 3),
+              joints=torch.zeros(N, 24, 3), gt_joints=torch.zeros(N, 24, 3), has_gt=torch.zeros(N, dtype=torch.bool),
+              question=["q"] * N, caption=[None] * N, ref_answer=["r"] * N)
+    assert len(Candidates(**ok)) == N
+    assert Candidates(**ok, codes=torch.zeros(N, 5, dtype=torch.long)).codes.shape == (N, 5)
+    for bad, match in [({"question": ["q"]}, "question has 1 entries"),
+                       ({"joints": torch.zeros(N, 23, 3)}, r"joints must have shape \(N=2, 24, 3\)"),
+                       ({"valid": torch.ones(N)}, "valid must be a torch.bool tensor"),
+                       ({"codes": torch.zeros(N + 1, 5)}, r"codes must have shape \(N=2, K\)")]:
+        with pytest.raises(ValueError, match=match):
+            Candidates(**{**ok, **bad})
