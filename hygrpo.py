@@ -74,7 +74,7 @@ Where this code departs from the paper, or chooses where the paper leaves a choi
    V therefore holds the candidates with a pose on a task that some registered continuous reward scores
    (train_rft.pose_scored; whatever the reward's weight, so a zero-weight ablation of Table 5 keeps V);
    such a stray pose gets no policy gradient and no pose KL (its text still gets F_hat and the token KL).
-14. The learning-rate schedules (train_sft.lr_at, both stages) start with a linear warm-up
+14. The learning-rate schedules (model.lr_at, both stages) start with a linear warm-up
    (warmup_steps) and decay by cosine to a floor of lr * min_lr_ratio rather than to 0. Table 4 says
    only "cosine"; neither the warm-up nor the floor is in the paper.
 15. The old policy of the ratios is scored at the text's sampling temperature, and so are the current

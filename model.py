@@ -32,7 +32,7 @@ File formats: not in the paper
 13.             `load_pose_encoder` for HMR2.0's Lightning checkpoint, read without running pickled code;
 14. checkpoints `save_checkpoint` / `load_checkpoint`: safetensors + JSON, only what was trained.
 
-Run plumbing: not in the paper (shared by train_sft.py, train_rft.py and eval.py): `--key=value`
+Run plumbing: not in the paper (shared by train_sft.py and train_rft.py): `--key=value`
 overrides and config checks, torchrun setup, print0, the learning-rate schedule, gradient averaging,
 metrics.jsonl and the --resume state.
 
