@@ -487,6 +487,30 @@ def check_posecodes(joints: torch.Tensor, codes: torch.Tensor, mentioned: torch.
     return torch.where(n > 0, hit.sum(-1) / n.clamp_min(1), torch.ones_like(n, dtype=torch.float32))
 
 
+def twin_poses(pose: torch.Tensor, codes: torch.Tensor, mentioned: torch.Tensor, generator: torch.Generator,
+               noise: float = 0.15, tries: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hard negatives for a retriever (not in the paper): for each pose, a twin close to it that breaks at
+    least one of the codes its caption names.
+
+    pose (B, 24, 3) axis-angle with a canonical root; codes, mentioned (B, K) of its caption. A twin
+    adds N(0, s^2) radians to every body joint's axis-angle (the root kept), with s = noise at the
+    first try and 1.5 times more at each retry, for the rows whose twin still satisfies the caption.
+    Returns the twins' joints (B, 24, 3) and broken (B,) bool: False for the rare rows where every try
+    satisfied the caption (their twin is then the last try's pose)."""
+    twins = torch.empty(pose.shape[0], 24, 3)
+    broken = torch.zeros(pose.shape[0], dtype=torch.bool)
+    for t in range(tries):
+        rows = torch.nonzero(~broken).flatten()  # (r,) still without a twin that breaks the caption
+        if len(rows) == 0:
+            break
+        p = pose[rows].clone()  # (r, 24, 3)
+        p[:, 1:] += noise * 1.5 ** t * torch.randn(p[:, 1:].shape, generator=generator)
+        joints = smpl.pose_joints(p)  # (r, 24, 3)
+        twins[rows] = joints
+        broken[rows] = check_posecodes(joints, codes[rows], mentioned[rows]) < 1
+    return twins, broken
+
+
 # ====================================================================================================
 # 3. Captions
 #

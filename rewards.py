@@ -823,14 +823,18 @@ class PoseTextRetriever(nn.Module):
         return retriever.to(device).eval()
 
 
-def contrastive_loss(text_emb: torch.Tensor, pose_emb: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def contrastive_loss(text_emb: torch.Tensor, pose_emb: torch.Tensor, scale: torch.Tensor,
+                     extra_poses: torch.Tensor | None = None) -> torch.Tensor:
     """Symmetric InfoNCE over a batch of B matching pairs (row i of each). (B, d), (B, d), () -> ()
 
     logits[i, j] = scale * cos(text i, pose j); each text must pick out its pose among the B poses,
-    and each pose its text among the B texts; the loss is the mean of the two cross-entropies."""
+    and each pose its text among the B texts; the loss is the mean of the two cross-entropies.
+    extra_poses (E, d), optional: poses that match no text (hard negatives), added to the candidates
+    of the text-to-pose cross-entropy only."""
     logits = scale * text_emb @ pose_emb.T  # (B, B)
     target = torch.arange(logits.shape[0], device=logits.device)  # (B,)
-    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+    t2p = logits if extra_poses is None else torch.cat([logits, scale * text_emb @ extra_poses.T], 1)  # (B, B + E)
+    return 0.5 * (F.cross_entropy(t2p, target) + F.cross_entropy(logits.T, target))
 
 
 _MIRROR = [smpl.JOINT_NAMES.index(n.replace("left_", "@").replace("right_", "left_").replace("@", "right_"))
@@ -855,8 +859,8 @@ def mirror_joints(joints: torch.Tensor) -> torch.Tensor:
 
 def train_retriever(joints: torch.Tensor, texts: Sequence[str], tokenizer, steps: int = 400,
                     batch_size: int = 128, lr: float = 1e-3, seed: int = 0, device: str | torch.device = "cpu",
-                    progress: bool = True, flip_lr: bool = True, cfg: RetrieverConfig | None = None
-                    ) -> PoseTextRetriever:
+                    progress: bool = True, flip_lr: bool = True, cfg: RetrieverConfig | None = None,
+                    hard_negatives: torch.Tensor | None = None) -> PoseTextRetriever:
     """Train a PoseTextRetriever on pairs (joints[i], texts[i]) with the contrastive loss.
 
     joints (N, 24, 3) metres; texts N captions. AdamW (weight decay 0.01) with a linear warm-up over
@@ -868,12 +872,22 @@ def train_retriever(joints: torch.Tensor, texts: Sequence[str], tokenizer, steps
     leaving the caller's random state alone. cfg overrides the default sizes (vocab_size and the
     fingerprint are taken from the tokenizer). Returns the model in eval mode on `device`, with
     `train_info` (settings, final loss, seconds) set for `save`.
+
+    hard_negatives (N, 24, 3), optional (not in PoseScript): for each pair, a pose close to its pose that
+    breaks at least one of the codes its caption names (data.twin_poses). Each text must then pick out
+    its pose among the batch's B poses AND their B twins (the text-to-pose cross-entropy runs over 2B
+    poses; the pose-to-text one is unchanged). In-batch negatives are mostly other archetypes, easy to
+    tell apart; a twin differs from the true pose in a detail the caption states, which is what the
+    semantic reward must rank among a policy's samples.
     """
     N = len(texts)
     if joints.dim() != 3 or joints.shape != (N, 24, 3):
         raise ValueError(f"train_retriever expects joints (N, 24, 3) for N={N} texts, got {tuple(joints.shape)}")
     if not torch.isfinite(joints).all():
         raise ValueError("train_retriever: the joints hold NaN or inf")
+    if hard_negatives is not None and (hard_negatives.shape != joints.shape or not torch.isfinite(hard_negatives).all()):
+        raise ValueError(f"train_retriever: hard_negatives must be finite joints shaped like joints "
+                         f"{tuple(joints.shape)}, got {tuple(hard_negatives.shape)}")
     if not 2 <= batch_size <= N:
         raise ValueError(f"batch_size must be in [2, N={N}] (a contrastive batch needs negatives), got {batch_size}")
     base = cfg or RetrieverConfig(vocab_size=0, tokenizer_fingerprint="")
@@ -890,6 +904,10 @@ def train_retriever(joints: torch.Tensor, texts: Sequence[str], tokenizer, steps
     # longest text.
     J_body = body_frame(torch.cat([joints, mirror_joints(joints)] if flip_lr else [joints]))  # (2N or N, 24, 3)
     J_body = J_body.to(device)
+    J_twin = None  # (2N or N, 24, 3) row i: the twin of row i's pose (mirrored with it)
+    if hard_negatives is not None:
+        twins = hard_negatives.to(joints.dtype)
+        J_twin = body_frame(torch.cat([twins, mirror_joints(twins)] if flip_lr else [twins])).to(device)
     ids, mask = model.tokenize(list(texts) + ([mirror_text(t) for t in texts] if flip_lr else []))  # (2N or N, T)
     ids, mask = ids.to(device), mask.to(device)
 
@@ -912,7 +930,8 @@ def train_retriever(joints: torch.Tensor, texts: Sequence[str], tokenizer, steps
         T = max(1, int(mask[batch].sum(1).max()))
         text_emb = model.text_features(ids[batch, :T], mask[batch, :T])  # (B, d)
         pose_emb = model.body_pose_features(J_body[batch])  # (B, d)
-        loss = contrastive_loss(text_emb, pose_emb, model.logit_scale())
+        twin_emb = None if J_twin is None else model.body_pose_features(J_twin[batch])  # (B, d)
+        loss = contrastive_loss(text_emb, pose_emb, model.logit_scale(), extra_poses=twin_emb)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -920,7 +939,7 @@ def train_retriever(joints: torch.Tensor, texts: Sequence[str], tokenizer, steps
         loss_value = loss.item()
         bar.set_postfix(loss=f"{loss_value:.3f}", scale=f"{model.logit_scale().item():.1f}")
     model.train_info = {"pairs": N, "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
-                        "flip_lr": flip_lr, "final_loss": loss_value, "seconds": round(time.time() - start, 1)}
+                        "flip_lr": flip_lr, "hard_negatives": hard_negatives is not None, "final_loss": loss_value, "seconds": round(time.time() - start, 1)}
     return model.eval()
 
 

@@ -95,6 +95,7 @@ class SFTConfig:
     retriever_steps: int = 800       # 40k pairs, 800 x 256: better checker agreement than 8k, 400 x 128 (README)
     retriever_batch: int = 256
     retriever_lr: float = 1e-3
+    retriever_hard_negatives: bool = False  # PoseWorld: a twin per pair that breaks one of its caption's codes
     # bookkeeping
     log_every: int = 25
     save_every: int = 200
@@ -133,10 +134,25 @@ def retriever_pairs(cfg, device):
     return pairs.joints_body, list(pairs.captions)  # body frame: the retriever sees pose, not view
 
 
+def retriever_twins(cfg):
+    """Hard negatives for retriever_pairs' PoseWorld pairs (--retriever_hard_negatives): for each pair, a
+    pose near its own that breaks one of its caption's codes (data.twin_poses), joints (n, 24, 3); None
+    when off or for PoseScript (whose captions carry no codes to break)."""
+    if not cfg.retriever_hard_negatives or "posescript" in cfg.data:
+        return None
+    pairs = data.PoseWorld("train", size=cfg.retriever_pairs, seed=cfg.seed, image_size=cfg.image_size,
+                           tasks=("t2p",))  # the same set as retriever_pairs (cached on disk)
+    g = torch.Generator().manual_seed(cfg.seed + 3)
+    twins, broken = data.twin_poses(pairs.pose_body, pairs.codes, pairs.mentioned, g)  # (n, 24, 3), (n,)
+    print0(f"hard negatives: {broken.float().mean().item():.1%} of the twins break a code of their caption")
+    return twins
+
+
 def train_retrievers(cfg, tokenizer, device):
     """Two PoseScript-style retrievers on DISJOINT halves of the captions (Table 6's cross check): the
     "reward" one gives the semantic reward of RFT (Eq. 8), the "eval" one only evaluates."""
     joints, captions = retriever_pairs(cfg, device)
+    twins = retriever_twins(cfg)  # (n, 24, 3) or None
     half_a, half_b = rewards.split_halves(len(captions), cfg.seed)
     val = data.PoseWorld("val", seed=cfg.seed, image_size=cfg.image_size) if "poseworld" in cfg.data else None
     out = {}
@@ -144,7 +160,8 @@ def train_retrievers(cfg, tokenizer, device):
         print0(f"retriever '{name}': {len(idx)} pose-caption pairs")
         out[name] = rewards.train_retriever(joints[idx], [captions[i] for i in idx], tokenizer,
                                             steps=cfg.retriever_steps, batch_size=cfg.retriever_batch,
-                                            lr=cfg.retriever_lr, seed=seed, device=device)
+                                            lr=cfg.retriever_lr, seed=seed, device=device,
+                                            hard_negatives=None if twins is None else twins[idx])
         if val is not None:  # how far its cosine ranks poses as the exact checker does (eval.py)
             rho = E.perturbed_agreement(out[name], val)
             out[name].train_info["checker_agreement"] = round(rho, 4)

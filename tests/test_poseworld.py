@@ -187,6 +187,24 @@ def test_checker_is_not_trivially_one(world):
     assert score.mean() < 0.8
 
 
+def test_twins_break_a_caption_code_and_stay_near_the_pose(world):
+    """data.twin_poses, the retrievers' hard negatives: each twin violates at least one code its caption
+    names (the checker says < 1) and stays near its pose (joint-angle noise, not another archetype).
+    Catches twins that satisfy the caption (false negatives), twins checked against the wrong caption,
+    and noise so large that a twin is just another pose."""
+    rows = world.task_indices("t2p")
+    pose, codes, mentioned = world.pose_body[rows], world.codes[rows], world.mentioned[rows]
+    twins, broken = data.twin_poses(pose, codes, mentioned, torch.Generator().manual_seed(0))
+    assert twins.shape == (len(rows), 24, 3) and broken.float().mean() > 0.9
+    score = data.check_posecodes(twins, codes, mentioned)  # (n,)
+    assert torch.equal(score < 1, broken)
+    own = data.check_posecodes(world.joints_body[rows], codes, mentioned)
+    assert torch.equal(own, torch.ones_like(own))  # the caption's own pose satisfies it
+    near = (twins - world.joints_body[rows]).norm(dim=-1).mean(-1)  # (n,) metres, mean joint distance
+    far = (world.joints_body[rows.roll(1)] - world.joints_body[rows]).norm(dim=-1).mean(-1)  # another pose
+    assert near.median() < 0.8 * far.median(), (near.median(), far.median())  # ~0.17 m against ~0.25 m
+
+
 def test_posecodes_of_hand_made_poses():
     """Catches swapped left/right, wrong bin order, and wrong reference joints: T-pose, arms up, one arm
     raised, a squat, each checked against what the pose obviously is."""
