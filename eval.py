@@ -643,6 +643,80 @@ def compare_runs(groups: dict) -> str:
     return "\n".join(lines)
 
 
+def _mrecall(protocol: str, retriever: str, direction: str):
+    """mRecall (Table 3): the mean of R@5, R@10 and R@20 of one protocol, retriever and direction."""
+    keys = [f"t2p_{protocol}_{retriever}_{direction}@{k}" for k in (5, 10, 20)]
+    return lambda r: sum(r[k] for k in keys) / 3 if all(k in r for k in keys) else None
+
+
+def _key(key: str):
+    return lambda r: r.get(key)
+
+
+# The paper's tables on PoseWorld: columns (header, value of one eval.json, lower is better). mRecall is the
+# mean of R@5/10/20 under the random-sampling protocol (each caption against 31 others), eval retriever.
+PAPER_TABLES = {
+    "3": [("MPJPE (mm)", _key("i2p_mpjpe_mm"), True), ("PA-MPJPE (mm)", _key("i2p_pa_mpjpe_mm"), True),
+          ("posecode accuracy (%)", _key("t2p_posecode_acc"), False),
+          ("mRecall T2P (%)", _mrecall("sampled", "eval", "t2p"), False),
+          ("mRecall P2T (%)", _mrecall("sampled", "eval", "p2t"), False)],
+    "6": [("R^T2P@10, reward retriever (%)", _key("t2p_sampled_reward_t2p@10"), False),
+          ("R^T2P@10, eval retriever (%)", _key("t2p_sampled_eval_t2p@10"), False),
+          ("mRecall T2P, reward retriever (%)", _mrecall("sampled", "reward", "t2p"), False),
+          ("mRecall T2P, eval retriever (%)", _mrecall("sampled", "eval", "t2p"), False),
+          ("posecode accuracy (%)", _key("t2p_posecode_acc"), False)],
+}
+
+
+def _eval_json(path: str) -> dict:
+    """An evaluation's numbers: a JSON file (eval.json, eval_before.json, eval_after.json) or a folder
+    holding eval.json."""
+    file = os.path.join(path, "eval.json") if os.path.isdir(path) else path
+    if not os.path.isfile(file):
+        raise SystemExit(f"--table: {file} not found (eval.py --ckpt writes eval.json; train_rft.py writes "
+                         f"eval_before.json and eval_after.json)")
+    with open(file) as f:
+        return json.load(f)
+
+
+def paper_table(which: str, groups: dict) -> str:
+    """Table 3 or Table 6 of the paper on PoseWorld, one row per group of evaluations (one per seed, the
+    same seeds in the same order in every group): each metric's mean over the seeds with its standard
+    error, and from the second row on, the change from the row above, mean of the per-seed differences
+    (s.e.); marked * when it exceeds twice its standard error.
+
+    which: "3" or "6"; groups: {row label: [eval json or folder, ...]}."""
+    if which not in PAPER_TABLES:
+        raise SystemExit(f"--table={which}: the tables are {', '.join(PAPER_TABLES)}")
+    columns = PAPER_TABLES[which]
+    rows = {label: [_eval_json(p) for p in paths] for label, paths in groups.items()}
+    sizes = {len(v) for v in rows.values()}
+    if len(sizes) != 1:
+        raise SystemExit(f"--table: every row needs the same seeds in the same order; got {sizes} runs per row")
+    lines = ["| | " + " | ".join(name for name, _, _ in columns) + " |", "|" + " --- |" * (len(columns) + 1)]
+    previous = None
+    for label, results in rows.items():
+        cells = []
+        for c, (name, value, lower_better) in enumerate(columns):
+            xs = [value(r) for r in results]
+            if any(x is None for x in xs):
+                cells.append("")
+                continue
+            m, se = _mean_se(xs)
+            cell = f"{m:.1f}" + (f" ({se:.1f})" if len(xs) > 1 else "")
+            if previous is not None and all(value(r) is not None for r in previous):
+                d, sd = _mean_se([x - value(r) for x, r in zip(xs, previous)])
+                beyond = len(xs) > 1 and abs(d) > 2 * sd
+                cell += f", {d:+.1f} ({sd:.1f})" + ("*" if beyond else "")
+            cells.append(cell)
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        previous = results
+    n = sizes.pop()
+    lines.append(f"\nMean over {n} seed(s) (standard error over seeds); from the second row, the change from the "
+                 f"row above, mean (s.e.) of the per-seed differences, * where it exceeds twice its s.e.")
+    return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Command line: python eval.py --ckpt=out/tiny-rft
 
@@ -653,6 +727,19 @@ def main(argv=None):
     Prints the table and writes eval.json and eval.md next to the checkpoint (or to --out_dir)."""
 
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0].startswith("--table"):  # python eval.py --table=3 LABEL=a0.json,a1.json LABEL=...
+        which = argv[0].partition("=")[2]
+        groups = {}
+        for spec in argv[1:]:
+            label, _, paths = spec.partition("=")
+            if not paths or spec.startswith("--"):
+                raise SystemExit("usage: python eval.py --table=3|6 ROW=eval_seed0.json,eval_seed1.json,... ROW2=...")
+            groups[label] = [p for p in paths.split(",") if p]
+        if not groups:
+            raise SystemExit("usage: python eval.py --table=3|6 ROW=eval_seed0.json,eval_seed1.json,... ROW2=...")
+        table = paper_table(which, groups)
+        print(table)
+        return table
     if argv and argv[0] == "--compare":  # python eval.py --compare LABEL=out/a0,out/a1 LABEL=... [--figure=f.svg]
         groups, figure = {}, None
         for spec in argv[1:]:

@@ -273,6 +273,35 @@ def test_comparison_table_gives_paired_standard_errors():
     assert "-10.0 (0.0) (better)" in row("Image-to-pose MPJPE")
 
 
+def test_paper_tables_by_hand(tmp_path):
+    """`python eval.py --table=3|6`: each row's mean over seeds (s.e.), the change from the row above as the
+    mean (s.e.) of per-seed differences, * beyond twice its s.e.; mRecall is the mean of R@5/10/20 of the
+    sampled protocol, eval retriever. Checked by hand. Catches an unpaired difference, the wrong recall
+    keys, and rows of different seed counts."""
+    import json
+
+    def write(name, mpjpe, recalls):
+        r = {"i2p_mpjpe_mm": mpjpe, "i2p_pa_mpjpe_mm": 100.0, "t2p_posecode_acc": 50.0}
+        for k, v in zip((5, 10, 20), recalls):
+            r[f"t2p_sampled_eval_t2p@{k}"] = v
+            r[f"t2p_sampled_eval_p2t@{k}"] = v
+        path = tmp_path / f"{name}.json"
+        json.dump(r, open(path, "w"))
+        return str(path)
+    det = [write(f"det{s}", m, (10.0, 20.0, 30.0)) for s, m in enumerate((200.0, 210.0, 190.0))]
+    rft = [write(f"rft{s}", m, (13.0, 23.0, 33.0)) for s, m in enumerate((199.0, 206.0, 192.0))]
+    table = E.main(["--table=3", "Baseline=" + ",".join(det), "RFT=" + ",".join(rft)])
+    base = next(line for line in table.splitlines() if line.startswith("| Baseline"))
+    after = next(line for line in table.splitlines() if line.startswith("| RFT"))
+    assert "| 200.0 (5.8) |" in base and "| 20.0 (0.0) |" in base  # s.e. of 200, 210, 190 = 10 / sqrt(3)
+    # MPJPE differences -1, -4, +2: mean -1, s.e. sqrt(9 / 3) = 1.7; mRecall +3 on every seed: s.e. 0, marked
+    assert "199.0 (4.0), -1.0 (1.7) |" in after and "23.0 (0.0), +3.0 (0.0)*" in after
+    with pytest.raises(SystemExit, match="same seeds"):
+        E.main(["--table=3", "a=" + ",".join(det), "b=" + rft[0]])
+    with pytest.raises(SystemExit, match="tables are"):
+        E.main(["--table=4", "a=" + det[0]])
+
+
 def test_compare_runs_aggregates_seeds(tmp_path):
     """`python eval.py --compare` gives each seed's paired gain, the mean gain over seeds with its
     standard error, and with two groups the per-seed difference of gains. Checked by hand."""
