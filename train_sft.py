@@ -95,7 +95,9 @@ class SFTConfig:
     retriever_steps: int = 800       # 40k pairs, 800 x 256: better checker agreement than 8k, 400 x 128 (README)
     retriever_batch: int = 256
     retriever_lr: float = 1e-3
-    retriever_hard_negatives: bool = False  # PoseWorld: a twin per pair that breaks one of its caption's codes
+    # PoseWorld: each pair's twin (a nearby pose that breaks one of its caption's codes) as a hard negative.
+    # Rank agreement with the checker 0.245 -> 0.315 (seed 0), RFT posecode gain +0.7 -> +1.6 (README)
+    retriever_hard_negatives: bool = True
     # bookkeeping
     log_every: int = 25
     save_every: int = 200
