@@ -707,7 +707,7 @@ def paper_table(which: str, groups: dict) -> str:
             if previous is not None and all(value(r) is not None for r in previous):
                 d, sd = _mean_se([x - value(r) for x, r in zip(xs, previous)])
                 beyond = len(xs) > 1 and abs(d) > 2 * sd
-                cell += f", {d:+.1f} ({sd:.1f})" + ("*" if beyond else "")
+                cell += f", {d:+.1f}" + (f" ({sd:.1f})" if len(xs) > 1 else "") + ("*" if beyond else "")
             cells.append(cell)
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
         previous = results

@@ -12,7 +12,7 @@ the paper writes both as pi_ref; see hygrpo.py's notes).
 
 The main job, `python train_rft.py` with no arguments on a fresh clone: trains the tiny SFT model if
 there is none yet (train_sft.py), evaluates it, runs RFT on PoseWorld, evaluates again and prints the
-before/after table (also written to out/tiny-rft/results.md). It took 7.9 minutes on a 2-core CPU (README).
+before/after table (also written to out/tiny-rft/results.md). It took 8.7 minutes on a 2-core CPU (README).
 
 Launch:
     python train_rft.py                                    # the main job (tiny preset, CPU)
