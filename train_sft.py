@@ -131,9 +131,15 @@ def retriever_pairs(cfg, device):
         body = smpl.build_body_model(cfg.smpl_path, "cpu")
         joints = body(pose[:, 1:], global_orient=pose[:, 0], return_vertices=False).joints  # (n, 24, 3)
         return data.body_frame_joints(joints), [caption for _, caption in ds.items]
-    pairs = data.PoseWorld("train", size=cfg.retriever_pairs, seed=cfg.seed, image_size=cfg.image_size,
-                           tasks=("t2p",))
+    pairs = retriever_world(cfg)
     return pairs.joints_body, list(pairs.captions)  # body frame: the retriever sees pose, not view
+
+
+def retriever_world(cfg):
+    """The text-to-pose-only PoseWorld train set the retrievers learn from (cached on disk): one
+    definition, so retriever_pairs' pairs and retriever_twins' twins stay row for row the same."""
+    return data.PoseWorld("train", size=cfg.retriever_pairs, seed=cfg.seed, image_size=cfg.image_size,
+                          tasks=("t2p",))
 
 
 def retriever_twins(cfg):
@@ -142,8 +148,7 @@ def retriever_twins(cfg):
     when off or for PoseScript (whose captions carry no codes to break)."""
     if not cfg.retriever_hard_negatives or "posescript" in cfg.data:
         return None
-    pairs = data.PoseWorld("train", size=cfg.retriever_pairs, seed=cfg.seed, image_size=cfg.image_size,
-                           tasks=("t2p",))  # the same set as retriever_pairs (cached on disk)
+    pairs = retriever_world(cfg)
     g = torch.Generator().manual_seed(cfg.seed + 3)
     twins, broken = data.twin_poses(pairs.pose_body, pairs.codes, pairs.mentioned, g)  # (n, 24, 3), (n,)
     print0(f"hard negatives: {broken.float().mean().item():.1%} of the twins break a code of their caption")
