@@ -86,6 +86,7 @@ class SFTConfig:
     # losses
     ce_weight: float = 1.0           # cross-entropy on the answer tokens
     nll_weight: float = 0.005        # Gaussian NLL of the GT pose (summed over 144 dims, so scaled down)
+    nll_beta: float = 0.0            # beta-NLL (Seitzer et al. 2022): each dim's NLL times sg(std/std_init)^(2 beta)
     joint_weight: float = 20.0       # mean per-joint position error through SMPL, metres
     deterministic_head: bool = False  # Table 3 "Baseline": mean-only pose head
     tiny_sizes: str = ""             # tiny model sizes, e.g. "llm_hidden=192,llm_layers=6" (model._tiny_config)
@@ -194,6 +195,21 @@ def save_folder_atomically(path, write):
     os.replace(tmp, path)
 
 
+def pose_nll(p, mu, log_std, beta=0.0, log_std_ref=0.0):
+    """-log N(p; mu, diag(std^2)) of the GT pose under the head's Gaussian (Eq. 2), summed over the 144
+    numbers and averaged over the rows. (n, 144) x 3 -> ().
+
+    beta > 0 is beta-NLL (Seitzer et al., ICLR 2022; not in the paper): each number's term is weighed by
+    the constant sg((std / std_ref)^(2 beta)). Plain NLL (beta = 0) pulls mu by (p - mu) / std^2, so the
+    numbers the head already predicts well (small std) take the gradient and the hard ones starve;
+    beta = 1 pulls every number's mu by (p - mu) / std_ref^2, like the mean-only head's fixed-std loss,
+    while std still goes to the same fixed point, the residual's spread."""
+    nll = -hygrpo.gaussian_log_prob(p[..., None], mu[..., None], log_std[..., None])  # (n, 144) one per number
+    if beta:
+        nll = nll * torch.exp(2 * beta * (log_std.detach() - log_std_ref))  # (n, 144)
+    return nll.sum(-1).mean()
+
+
 def sft_loss(policy, body_model, batch, cfg):
     """Cross-entropy on the answer tokens + Gaussian NLL of the GT pose (Eq. 2) + SMPL joint error.
 
@@ -210,7 +226,7 @@ def sft_loss(policy, body_model, batch, cfg):
     if rows.any():
         p_gt = M.pose_to_rot6d(batch["pose"][rows])  # (n, 144) the GT pose as the head's rot6d numbers
         mu, log_std = out.pose.mu[rows], out.pose.log_std[rows]  # (n, 144) each
-        nll = -hygrpo.gaussian_log_prob(p_gt, mu, log_std).mean()  # Eq. 2 likelihood of the GT pose
+        nll = pose_nll(p_gt, mu, log_std, cfg.nll_beta, policy.pose_head.log_std_init)  # Eq. 2's likelihood
         J_pred = smpl.pose_joints(mu, body_model)  # (n, 24, 3)
         J_gt = smpl.pose_joints(p_gt, body_model)  # (n, 24, 3) the GT joints of the same body model
         joint = (J_pred - J_gt).norm(dim=-1).mean()  # mean per-joint error, metres

@@ -352,3 +352,30 @@ def test_torchrun_two_ranks_resume_equals_uninterrupted_run(sft_dir, tmp_path):
     rows_a = [json.loads(line) for line in open(a / "metrics.jsonl")]
     rows_b = [json.loads(line) for line in open(b / "metrics.jsonl")]
     assert [r["loss"] for r in rows_a] == [r["loss"] for r in rows_b]
+
+
+def test_beta_nll_weighs_each_number_by_its_detached_std():
+    """train_sft.pose_nll: beta = 0 is Eq. 2's NLL; beta = 1 pulls mu like an MSE at std_ref whatever the
+    head's std, and leaves std's fixed point (std^2 = the squared residual) where the NLL has it."""
+    import math
+    import hygrpo
+    g = torch.Generator().manual_seed(0)
+    p, mu0 = torch.randn(3, 144, generator=g), torch.randn(3, 144, generator=g)
+    log_std = (torch.rand(3, 144, generator=g) * 4 - 5).requires_grad_()
+    plain = train_sft.pose_nll(p, mu0, log_std)
+    assert torch.allclose(plain, -hygrpo.gaussian_log_prob(p, mu0, log_std).mean())
+    grads = []
+    for ls in (log_std.detach(), log_std.detach() - 1.0):  # two different stds: the same pull on mu
+        mu = mu0.clone().requires_grad_()
+        train_sft.pose_nll(p, mu, ls, beta=1.0, log_std_ref=-1.0).backward()
+        grads.append(mu.grad)
+    expected = (mu0 - p) / math.exp(-2.0) / 3  # (mu - p) / std_ref^2, averaged over the 3 rows
+    assert torch.allclose(grads[0], expected, atol=1e-5) and torch.allclose(grads[1], expected, atol=1e-5)
+    # one number by hand: p - mu = 0.3, std = 0.2, std_ref = 0.4, beta = 0.5: weight (0.2/0.4)^1 = 0.5
+    one = train_sft.pose_nll(torch.tensor([[0.3]]), torch.zeros(1, 1), torch.tensor([[math.log(0.2)]]),
+                             beta=0.5, log_std_ref=math.log(0.4))
+    assert one.item() == pytest.approx(0.5 * (0.5 * 1.5 ** 2 + math.log(0.2) + 0.5 * math.log(2 * math.pi)), rel=1e-5)
+    # the std's fixed point: zero gradient where std = |p - mu|, as with the plain NLL
+    ls = torch.full((1, 144), math.log(0.3), requires_grad=True)
+    train_sft.pose_nll(torch.full((1, 144), 0.3), torch.zeros(1, 144), ls, beta=1.0, log_std_ref=-1.0).backward()
+    assert ls.grad.abs().max() < 1e-5
