@@ -477,9 +477,10 @@ def sample_policy(model, batch, G, max_new_tokens, temperature=1.0, top_p=1.0, g
     The returned Rollout then has G = G x M candidates per prompt and pose_samples = M.
 
     batch: data.collate(..., for_generation=True) output (input_ids / attention_mask left-padded,
-    clip_pixels, pose_pixels). The frozen encoders run once per image; the projected visual tokens, not the
-    pixels, are repeated G times. Sampling uses temperature / top_p for the text; the recorded log-probs are
-    at that temperature (the sampling policy, see Llava.generate), and policy_logprobs scores at it too.
+    clip_pixels, pose_pixels). The frozen encoders run once per image, and the LLM's prefill once per prompt
+    (generate's num_return_sequences repeats its KV cache G times). Sampling uses temperature / top_p for
+    the text; the recorded log-probs are at that temperature (the sampling policy, see Llava.generate), and
+    policy_logprobs scores at it too.
     Put the model in eval() if it has dropout.
     Returns a Rollout.
     """
@@ -489,15 +490,16 @@ def sample_policy(model, batch, G, max_new_tokens, temperature=1.0, top_p=1.0, g
     v_a = v_b = visual = None
     if batch["clip_pixels"].shape[0] > 0:
         v_a, v_b = model.encode_images(batch["clip_pixels"], batch["pose_pixels"])  # (n, L_a, d_a), (n, L_b, d_b)
-        visual = model.project(v_a, v_b).repeat_interleave(G, dim=0)  # (n*G, L_a + L_b, d)
+        visual = model.project(v_a, v_b)  # (n, L_a + L_b, d)
+    x = model.embed(batch["input_ids"], visual)  # (B, T0, d) each prompt once
+    eos = cfg.llava.text_config.eos_token_id
+    gen = model.llava.generate(inputs_embeds=x, attention_mask=batch["attention_mask"].bool(),
+                               max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                               stop_token_ids=() if eos is None else (eos,), pad_token_id=cfg.llava.pad_token_id,
+                               capture_token_id=cfg.pose_token_id, generator=generator,
+                               num_return_sequences=G)  # (N, ...) rows, N = B*G prompt-major
     prompt_ids = batch["input_ids"].repeat_interleave(G, dim=0)  # (N, T0)
     prompt_mask = batch["attention_mask"].bool().repeat_interleave(G, dim=0)  # (N, T0)
-    x = model.embed(prompt_ids, visual)  # (N, T0, d)
-    eos = cfg.llava.text_config.eos_token_id
-    gen = model.llava.generate(inputs_embeds=x, attention_mask=prompt_mask, max_new_tokens=max_new_tokens,
-                               temperature=temperature, top_p=top_p, stop_token_ids=() if eos is None else (eos,),
-                               pad_token_id=cfg.llava.pad_token_id, capture_token_id=cfg.pose_token_id,
-                               generator=generator)
     M = int(pose_samples)
     if M < 1:
         raise ValueError(f"pose_samples={pose_samples}; need at least one pose per answer")
@@ -912,6 +914,13 @@ class KVCache:
         self.v[layer][:, :, start:end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
+    def repeat_interleave(self, n):
+        """Repeat every row n times in place, row b becoming rows b*n .. b*n+n-1: after a prefill shared by
+        n samples of each prompt (Llava.generate's num_return_sequences)."""
+        for store in (self.k, self.v):
+            for layer, buffer in store.items():
+                store[layer] = buffer.repeat_interleave(n, dim=0)  # (B*n, kvh, max_len, hs)
+
 
 class LlamaAttention(nn.Module):
     """Causal self-attention with rotary positions, grouped-query heads and an optional KV cache."""
@@ -1315,7 +1324,7 @@ class Llava(nn.Module):
     @torch.no_grad()
     def generate(self, input_ids=None, pixel_values=None, attention_mask=None, inputs_embeds=None, *,
                  max_new_tokens=64, temperature=1.0, top_p=1.0, stop_token_ids=(), pad_token_id=None,
-                 capture_token_id=None, generator=None, output_logits=False):
+                 capture_token_id=None, generator=None, output_logits=False, num_return_sequences=1):
         """Sample up to max_new_tokens per row with a KV cache (the rollout step of Algorithm 1).
 
         Prompts are LEFT-padded (attention_mask zeros on the left) so that every row's next token sits in
@@ -1332,17 +1341,24 @@ class Llava(nn.Module):
         With capture_token_id (e.g. the `<POSE>` token), `captured_hidden` is the last hidden state (after
         the final norm) AT the first generated occurrence of that token, i.e. computed with that token as
         the input, as LISA/ChatPose read their [SEG] token; one extra forward is run if it is the last token.
-        Returns a `Generation`.
+
+        num_return_sequences = G > 1 samples G answers per prompt: the inputs are the B0 distinct prompts,
+        the prefill runs once on them, and its KV cache and last hidden state are then repeated to B = B0*G
+        rows, row b*G+g being prompt b's g-th answer. The result equals generating from the prompts repeated
+        G times (repeat_interleave), with the same draws from `generator` (up to float rounding), without
+        paying G times for the prefill. Returns a `Generation` with B rows.
         """
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={max_new_tokens}; expected at least 1")
         if temperature < 0 or not 0 < top_p <= 1:
             raise ValueError(f"temperature={temperature}, top_p={top_p}; expected temperature >= 0, 0 < top_p <= 1")
-        x = self._inputs_embeds(input_ids, pixel_values, inputs_embeds)  # (B, T0, d)
-        B, T0, _ = x.shape
+        if num_return_sequences < 1:
+            raise ValueError(f"num_return_sequences={num_return_sequences}; expected at least 1")
+        x = self._inputs_embeds(input_ids, pixel_values, inputs_embeds)  # (B0, T0, d) the distinct prompts
+        B0, T0, _ = x.shape
         device = x.device
         if attention_mask is None:
-            attention_mask = torch.ones(B, T0, dtype=torch.bool, device=device)
+            attention_mask = torch.ones(B0, T0, dtype=torch.bool, device=device)
         if not attention_mask[:, -1].all():
             raise ValueError("generate needs LEFT padding: attention_mask has a 0 in its last column")
         pad = self.config.pad_token_id if pad_token_id is None else pad_token_id
@@ -1351,9 +1367,18 @@ class Llava(nn.Module):
                                 dtype=torch.long, device=device)  # (n_stop,)
         decoder, lm_head = self.language_model.model, self.language_model.lm_head
 
+        # Prefill: the whole prompt in one pass, once per distinct prompt; only its last position is needed.
         cache = KVCache(T0 + max_new_tokens)
+        positions, mask = positions_and_mask(attention_mask, T0)  # (B0, T0), (B0, 1, T0, T0)
+        h = decoder(x, positions, mask, cache)[:, -1]  # (B0, d)
+        # Then each prompt's G answers share it: row b becomes rows b*G .. b*G+G-1.
+        G = num_return_sequences
+        if G > 1:
+            cache.repeat_interleave(G)
+            h = h.repeat_interleave(G, dim=0)  # (B, d), B = B0*G
+        B = B0 * G
         key_mask = torch.ones(B, T0 + max_new_tokens, dtype=torch.bool, device=device)  # (B, T0 + N)
-        key_mask[:, :T0] = attention_mask.bool()
+        key_mask[:, :T0] = attention_mask.bool().repeat_interleave(G, dim=0)  # (B, T0)
         tokens = torch.full((B, max_new_tokens), pad, dtype=torch.long, device=device)  # (B, N)
         logprobs = torch.zeros(B, max_new_tokens, device=device)  # (B, N)
         gen_mask = torch.zeros(B, max_new_tokens, dtype=torch.bool, device=device)  # (B, N)
@@ -1361,10 +1386,6 @@ class Llava(nn.Module):
         done = torch.zeros(B, dtype=torch.bool, device=device)  # (B,)
         captured = torch.zeros(B, dtype=torch.bool, device=device)  # (B,)
         captured_hidden = x.new_zeros(B, x.shape[-1]) if capture_token_id is not None else None  # (B, d)
-
-        # Prefill: the whole prompt in one pass; only its last position's logits are needed.
-        positions, mask = positions_and_mask(key_mask[:, :T0], T0)  # (B, T0), (B, 1, T0, T0)
-        h = decoder(x, positions, mask, cache)[:, -1]  # (B, d)
         for i in range(max_new_tokens):
             logits = lm_head(h).float()  # (B, V)
             if output_logits:

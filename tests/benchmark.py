@@ -162,6 +162,59 @@ def bench_generate(B=64, prompt_len=32, new_tokens=64, rounds=2):
 
 
 
+@bench("prefill")
+def bench_prefill(B=16, G=8, new_tokens=24, rounds=3):
+    """The rollout's text sampling on the tiny preset (random weights, so no row stops early): B prompts
+    x G answers, new_tokens tokens at temperature 1, as train_rft samples them. sample_policy prefills each
+    prompt once and repeats its KV cache G times (Llava.generate's num_return_sequences); the old path
+    embedded and prefilled every prompt G times. Both run alternately for `rounds` rounds, best of each
+    kept, and must give the same tokens from the same seed."""
+    import torch
+
+    import data
+    import model as M
+    import train_sft
+
+    world = data.PoseWorld("val", size=max(B, 64), cache_dir=None)
+    tokenizer = M.Tokenizer.train_bpe(train_sft.poseworld_texts(world), train_sft.SFTConfig.vocab_size)
+    torch.manual_seed(0)
+    policy = M.PoseLLaVA.from_preset("tiny", tokenizer).eval()
+    batch = data.collate_fn(tokenizer, policy, for_generation=True)([world[i] for i in range(B)])
+    cfg, eos = policy.config, policy.config.llava.text_config.eos_token_id
+
+    def shared():
+        return M.sample_policy(policy, batch, G, new_tokens, generator=torch.Generator().manual_seed(0))
+
+    def repeated():  # what sample_policy did before: the prompts repeated G times, then generate on B*G rows
+        rep = lambda t: t.repeat_interleave(G, dim=0)  # noqa: E731
+        visual = None
+        if batch["clip_pixels"].shape[0] > 0:
+            visual = rep(policy.project(*policy.encode_images(batch["clip_pixels"], batch["pose_pixels"])))
+        x = policy.embed(rep(batch["input_ids"]), visual)  # (B*G, T0, d)
+        g = torch.Generator().manual_seed(0)
+        gen = policy.llava.generate(inputs_embeds=x, attention_mask=rep(batch["attention_mask"]).bool(),
+                                    max_new_tokens=new_tokens, stop_token_ids=() if eos is None else (eos,),
+                                    pad_token_id=cfg.llava.pad_token_id, capture_token_id=cfg.pose_token_id,
+                                    generator=g)
+        dist = policy.pose_head(gen.captured_hidden)  # the pose draws too, as sample_policy makes them
+        torch.where(gen.captured[:, None], dist.sample(g), dist.mu)  # (B*G, 144)
+        return gen
+
+    times = {"repeated": float("inf"), "shared": float("inf")}
+    with torch.no_grad():
+        same = torch.equal(shared().tokens, repeated().tokens)
+        for _ in range(rounds):
+            times["repeated"] = min(times["repeated"], timeit(repeated, repeat=1, warmup=0))
+            times["shared"] = min(times["shared"], timeit(shared, repeat=1, warmup=0))
+    T0 = batch["input_ids"].shape[1]
+    print(f"tiny preset (random weights), {B} prompts x G {G}, prompt {T0} tokens (image tokens included), "
+          f"{new_tokens} new tokens, float32, CPU, {torch.get_num_threads()} threads, load average "
+          f"{os.getloadavg()[0]:.1f}; best of {rounds} alternating runs; same tokens both ways: {same}")
+    print(f"  {'prompts repeated G times':32s} {times['repeated']:7.3f} s")
+    print(f"  {'prefill shared (sample_policy)':32s} {times['shared']:7.3f} s   "
+          f"{times['repeated'] / times['shared']:.2f}x faster")
+
+
 @bench("rft")
 def bench_rft(steps=10):
     """One HyGRPO step of the tiny preset on CPU (train_rft.hygrpo_step with the main job's defaults):

@@ -294,6 +294,35 @@ def test_left_padding_gives_the_unpadded_tokens(tiny):
     torch.testing.assert_close(batch.logprobs[1], alone.logprobs[0], atol=1e-5, rtol=0)
 
 
+def test_shared_prefill_equals_repeated_prompts(tiny):
+    """num_return_sequences = G prefills each prompt once and repeats its KV cache and last hidden state G
+    times; that must sample what the prompts repeated G times sample with the same generator, draw for
+    draw: equal tokens, masks and captures, and logprobs, logits and captured hidden states equal up to
+    float rounding, rows prompt-major (b*G+g). Left-padded prompts of two lengths, stop and capture tokens
+    on. Catches a cache or key mask repeated in the wrong order (.repeat for .repeat_interleave) or not at all."""
+    ids, mask, pixels = prompt_batch()
+    G = 3
+    rep = lambda t: t.repeat_interleave(G, dim=0)  # noqa: E731  (2, ...) -> (2G, ...)
+
+    def run(ids, pixels, mask, **options):
+        return tiny.generate(ids, pixels, mask, max_new_tokens=8, temperature=1.0, top_p=0.9, output_logits=True,
+                             generator=torch.Generator().manual_seed(4), **options)
+
+    free = run(rep(ids), rep(pixels), rep(mask)).tokens  # (2G, 8)
+    capture, stop = int(free[0, 2]), int(free[G, 4])  # so that some rows capture and some stop early
+    repeated = run(rep(ids), rep(pixels), rep(mask), stop_token_ids=[stop], capture_token_id=capture)
+    shared = run(ids, pixels, mask, stop_token_ids=[stop], capture_token_id=capture, num_return_sequences=G)
+    assert shared.tokens.shape == repeated.tokens.shape and shared.tokens.shape[0] == 2 * G
+    assert shared.captured.any() and not shared.mask.all()  # both paths are exercised
+    assert not torch.equal(shared.tokens[:G], shared.tokens[:1].expand(G, -1))  # a prompt's G answers differ
+    for field in ("tokens", "mask", "captured"):
+        assert torch.equal(getattr(shared, field), getattr(repeated, field)), field
+    for field in ("logprobs", "logits", "captured_hidden"):
+        torch.testing.assert_close(getattr(shared, field), getattr(repeated, field), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="num_return_sequences"):
+        tiny.generate(ids, pixels, mask, max_new_tokens=2, num_return_sequences=0)
+
+
 def test_stop_tokens_end_rows(tiny):
     """A row stops after its stop token: the stop token is kept and masked in, later slots hold pad with
     mask False and logprob 0, other rows go on; generation ends once every row has stopped."""

@@ -609,6 +609,40 @@ def test_sample_policy_agrees_with_policy_logprobs(world, tokenizer):
     assert torch.equal(scores.logprobs[~rollout.mask], torch.zeros(int((~rollout.mask).sum())))
 
 
+def test_sample_policy_prefills_each_prompt_once(world, tokenizer):
+    """sample_policy runs the LLM's prefill on the B distinct prompts, not on B*G repeated rows, and its
+    rollout equals the one sampled, with the same generator, from the prompts repeated G times (the
+    shared KV cache changes the cost, not the samples): equal tokens, masks and V, and log-probs, Gaussians
+    and poses equal up to float rounding. Catches a prompt's answers given another prompt's cache."""
+    config, model = pose_prone_model(tokenizer)
+    G, eos = 4, config.llava.text_config.eos_token_id
+    batch = batch_of(world, tokenizer, config, [0, 2, 3], for_generation=True)  # vqa, i2p, t2p: 2 images
+    decoder = model.llava.language_model.model
+    seen = []
+    hook = decoder.register_forward_hook(lambda m, i, o: seen.append(tuple(o.shape[:2])))
+    rollout = sample_policy(model, batch, G=G, max_new_tokens=6, generator=torch.Generator().manual_seed(5))
+    hook.remove()
+    assert seen[0] == (3, batch["input_ids"].shape[1]) and seen[1] == (3 * G, 1)  # prefill on B rows, decode on B*G
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():  # the repeated path by hand: every prompt embedded and prefilled G times
+        rep = lambda t: t.repeat_interleave(G, dim=0)  # noqa: E731
+        visual = rep(model.project(*model.encode_images(batch["clip_pixels"], batch["pose_pixels"])))
+        gen = model.llava.generate(inputs_embeds=model.embed(rep(batch["input_ids"]), visual),
+                                   attention_mask=rep(batch["attention_mask"]).bool(), max_new_tokens=6,
+                                   stop_token_ids=() if eos is None else (eos,), pad_token_id=config.llava.pad_token_id,
+                                   capture_token_id=config.pose_token_id, generator=g)
+        dist = model.pose_head(gen.captured_hidden)
+        pose = torch.where(gen.captured[:, None], dist.sample(g), dist.mu)  # (N, 144)
+    assert 0 < int(rollout.valid.sum()) < 3 * G
+    assert torch.equal(rollout.tokens, gen.tokens) and torch.equal(rollout.mask, gen.mask)
+    assert torch.equal(rollout.valid, gen.captured)
+    assert torch.equal(rollout.prompt_ids, rep(batch["input_ids"]))
+    assert torch.equal(rollout.prompt_mask, rep(batch["attention_mask"]).bool())
+    for ours, theirs in ((rollout.logprobs, gen.logprobs), (rollout.mu, dist.mu), (rollout.log_std, dist.log_std),
+                         (rollout.pose, pose)):
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+
+
 def test_pose_samples_draw_several_poses_per_answer(world, tokenizer):
     """pose_samples = M: each of the G answers of a prompt gets M poses from its own Gaussian, G x M
     candidates per prompt. The M copies share the answer, its log-probs and its Gaussian; their poses
