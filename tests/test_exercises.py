@@ -129,3 +129,15 @@ def test_exercise_oracle_reward_runs(sft_dir, tmp_path):
     rows = run_exercise(sft_dir, tmp_path, "--rewards=joint:1,oracle:1,format:1,text:1", "--task_mix=t2p:1")
     assert finite_somewhere(rows, "reward/oracle/t2p")
     assert all(0 <= r["reward/oracle/t2p"] <= 1 for r in rows)
+
+
+@pytest.mark.slow
+def test_exercise_beta_nll_sft_runs(tmp_path):
+    """Exercise 9: the main job with its SFT trained by beta-NLL (--sft_overrides=nll_beta=1); the SFT
+    checkpoint records the setting, and RFT runs from it."""
+    sft = tmp_path / "sft"
+    overrides = "nll_beta=1;max_steps=4;batch_size=4;retriever_pairs=120;retriever_steps=2;retriever_batch=32;vocab_size=400"
+    rows = run_exercise(str(sft), tmp_path, f"--sft_overrides={overrides}")
+    saved = json.load(open(sft / "checkpoint" / "config.json"))["extra"]["config"]
+    assert saved["nll_beta"] == 1.0 and saved["max_steps"] == 4
+    assert len(rows) == 2
