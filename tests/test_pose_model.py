@@ -218,6 +218,8 @@ def expected_trained(name, preset, stage):
     lora = name.endswith(("lora_A", "lora_B"))
     if preset == "tiny" and stage == "sft":
         return not lora
+    if preset == "tiny":  # RFT: the whole LLM and the heads, not the encoders f_a, f_b (README)
+        return not lora and not name.startswith(("llava.vision_tower.", "pose_encoder."))
     return lora or name.endswith("new_row") or name.split(".")[0] in ("pose_projector", "pose_head") \
         or name.startswith("llava.multi_modal_projector")
 
