@@ -275,11 +275,11 @@ class PoseLLaVA(nn.Module):
 
     @torch.no_grad()
     def freeze_reference(self):
-        """Copy the RFT-trained tensors (trained_names("rft"): LoRA adapters, W_a, W_b, pose head, <POSE>
-        rows) as pi_ref = pi_init (Algorithm 1, line 3). Call it at the start of RFT, after moving the
-        model to its device. Only these few tensors are copied, never the 7B base."""
-        self._reference = {n: p.detach().clone() for n, p in self.named_parameters()
-                           if n in set(self.trained_names("rft"))}
+        """Copy the RFT-trained tensors (trained_names("rft"); 7B: LoRA adapters, W_a, W_b, pose head,
+        <POSE> rows; tiny: also its LLM) as pi_ref = pi_init (Algorithm 1, line 3). Call it at the start
+        of RFT, after moving the model to its device. The 7B base is never copied."""
+        trained = set(self.trained_names("rft"))
+        self._reference = {n: p.detach().clone() for n, p in self.named_parameters() if n in trained}
 
     @contextlib.contextmanager
     def reference(self):

@@ -6,13 +6,13 @@ Per step (Algorithm 1, lines 5-9):
     ->  group-relative advantages F_hat (from R_d) and Delta_hat (from R_c, valid candidates only), Eq. 16
     ->  the HyGRPO loss, the negative of Eq. 6 (hygrpo.hygrpo_loss)  ->  an AdamW step.
 The old policy of the ratios is the sampling policy (the parameters before this step's update); the
-reference policy of the KL term is the SFT model: a frozen copy of every tensor RFT trains (LoRA, W_a,
-W_b, the pose head, the <POSE> rows) swapped in over the shared frozen base (model.PoseLLaVA.reference;
-the paper writes both as pi_ref; see hygrpo.py's notes).
+reference policy of the KL term is the SFT model: a frozen copy of every tensor RFT trains (7B: LoRA,
+W_a, W_b, the pose head, the <POSE> rows; tiny: the LLM and those heads) swapped in over the shared
+frozen base (model.PoseLLaVA.reference; the paper writes both as pi_ref; see hygrpo.py's notes).
 
 The main job, `python train_rft.py` with no arguments on a fresh clone: trains the tiny SFT model if
 there is none yet (train_sft.py), evaluates it, runs RFT on PoseWorld, evaluates again and prints the
-before/after table (also written to out/tiny-rft/results.md). It took 8.7 minutes on a 2-core CPU (README).
+before/after table (also written to out/tiny-rft/results.md). It took 11.3 minutes on a 2-core CPU (README).
 
 Launch:
     python train_rft.py                                    # the main job (tiny preset, CPU)
@@ -293,9 +293,10 @@ def ensure_sft(cfg):
 
 def load_policy(cfg, device):
     """pi_init from the SFT checkpoint, set up for RFT (Algorithm 1, line 3: pi_theta <- pi_init, pi_ref
-    <- pi_init): LoRA + W_a + W_b + pose head + <POSE> rows train, and pi_ref is a frozen copy of exactly
-    those tensors over the shared frozen base (model.PoseLLaVA.reference). A resumed run reloads its own
-    checkpoint, which carries that copy."""
+    <- pi_init): the tensors of trained_names("rft") train (7B: LoRA, W_a, W_b, pose head, <POSE> rows;
+    tiny: also the whole LLM), and pi_ref is a frozen copy of exactly those tensors over the shared
+    frozen base (model.PoseLLaVA.reference). A resumed run reloads its own checkpoint, which carries
+    that copy."""
     dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
     source = cfg.out_dir if cfg.resume else cfg.sft_dir
     policy, tokenizer, extra = M.load_checkpoint(source, llava_path=cfg.llava_path or None,

@@ -97,7 +97,7 @@ class SFTConfig:
     retriever_batch: int = 256
     retriever_lr: float = 1e-3
     # PoseWorld: each pair's twin (a nearby pose that breaks one of its caption's codes) as a hard negative.
-    # Rank agreement with the checker 0.245 -> 0.311 (seed 0); RFT posecode gain +0.48 -> +1.11 over 3 seeds (README)
+    # Rank agreement with the checker 0.245 -> 0.311 (seed 0); LoRA-era RFT gain +0.48 -> +1.11 over 3 seeds (README)
     retriever_hard_negatives: bool = True
     # bookkeeping
     log_every: int = 25
