@@ -218,20 +218,22 @@ class PoseLLaVA(nn.Module):
             is_pose = is_pose & answer_mask.bool()
         return is_pose.int().argmax(-1), is_pose.any(-1)  # (B,), (B,) argmax: the first maximum
 
-    def forward(self, input_ids, attention_mask=None, clip_pixels=None, pose_pixels=None, answer_mask=None):
+    def forward(self, input_ids, attention_mask=None, clip_pixels=None, pose_pixels=None, answer_mask=None,
+                logits_at=None):
         """Teacher-forced pass (SFT, evaluation): logits of every position and the pose Gaussian at the
         first `<POSE>` of each row.
 
         input_ids (B, T) with n * (L_a + L_b) image tokens, attention_mask (B, T) (1 = real token),
         clip_pixels (n, 3, S, S) and pose_pixels (n, 3, H, W) for the n images in reading order (None when
         no row has an image); answer_mask (B, T) bool marks the answer tokens (SFT: labels != -100), so a
-        `<POSE>` written in a prompt is not read. Returns a PoseLLaVAOutput.
+        `<POSE>` written in a prompt is not read; logits_at (B, T) bool computes the logits at those
+        positions only, (n, V) (Llava.forward). Returns a PoseLLaVAOutput.
         """
         visual = None
         if clip_pixels is not None and clip_pixels.shape[0] > 0:
             visual = self.visual_tokens(clip_pixels, pose_pixels)  # (n, L_a + L_b, d)
         x = self.embed(input_ids, visual)  # (B, T, d)
-        out = self.llava(inputs_embeds=x, attention_mask=attention_mask)
+        out = self.llava(inputs_embeds=x, attention_mask=attention_mask, logits_at=logits_at)
         position, found = self.pose_positions(input_ids, answer_mask)  # (B,), (B,)
         rows = torch.arange(input_ids.shape[0], device=input_ids.device)  # (B,)
         h_pose = out.hidden_states[rows, position]  # (B, d)
@@ -1309,11 +1311,14 @@ class Llava(nn.Module):
         features = None if pixel_values is None else self.image_features(pixel_values)  # (N, L, d)
         return self.embed(input_ids, features)  # (B, T, d)
 
-    def forward(self, input_ids=None, pixel_values=None, attention_mask=None, inputs_embeds=None):
+    def forward(self, input_ids=None, pixel_values=None, attention_mask=None, inputs_embeds=None, logits_at=None):
         """Logits and last hidden states of a whole sequence (training, scoring).
 
         input_ids (B, T) with image tokens and pixel_values (N, C, H, W), or inputs_embeds (B, T, d) from
         `embed`; attention_mask (B, T), 1 = real token, 0 = padding (left or right), default all real.
+        logits_at (B, T) bool: the LM head runs only at these positions and logits is (n, V), in row-major
+        order; SFT needs the answer's positions only, and the head over the prompt's (32000 x 4096 a
+        position for 7B) would be wasted work and memory. Default: every position, logits (B, T, V).
         """
         x = self._inputs_embeds(input_ids, pixel_values, inputs_embeds)  # (B, T, d)
         B, T, _ = x.shape
@@ -1321,7 +1326,11 @@ class Llava(nn.Module):
             attention_mask = torch.ones(B, T, dtype=torch.bool, device=x.device)
         positions, mask = positions_and_mask(attention_mask, T)  # (B, T), (B, 1, T, T)
         h = self.language_model.model(x, positions, mask)  # (B, T, d)
-        return LlavaOutput(logits=self.language_model.lm_head(h), hidden_states=h)
+        if logits_at is not None:
+            if tuple(logits_at.shape) != (B, T):
+                raise ValueError(f"logits_at has shape {tuple(logits_at.shape)}; expected (B, T) = {(B, T)}")
+            return LlavaOutput(logits=self.language_model.lm_head(h[logits_at.bool()]), hidden_states=h)  # (n, V)
+        return LlavaOutput(logits=self.language_model.lm_head(h), hidden_states=h)  # (B, T, V)
 
     # no_grad rather than inference_mode: the sampled tokens are fed back into a training forward, and
     # inference tensors cannot be saved for backward.

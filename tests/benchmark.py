@@ -237,7 +237,7 @@ def bench_rft(steps=10):
     if not sft_dir:  # a small SFT whose answers follow the template, so there are poses to score
         sft_dir = os.path.join(tmp, "sft")
         train_sft.main(cfg=train_sft.SFTConfig(out_dir=sft_dir, max_steps=60, batch_size=8, lr=3e-3,
-                                               retriever_steps=20, save_every=60))
+                                               retriever_steps=20, save_every=60, pretrain_steps=20))
     cfg = train_rft.RFTConfig(sft_dir=sft_dir, out_dir=os.path.join(tmp, "rft"), eval=False)
     device = torch.device("cpu")
     policy, tokenizer = train_rft.load_policy(cfg, device)

@@ -788,3 +788,34 @@ def test_reference_policy_is_the_frozen_start(world, tokenizer):
             pass
     with pytest.raises(ValueError, match="must be frozen"):
         policy_logprobs(model, rollout)
+
+
+def test_logits_at_scores_only_the_asked_positions_and_sft_loss_matches_every_position(world, tokenizer):
+    """Llava.forward(logits_at=) runs the LM head at the masked positions only, in row-major order; and
+    train_sft.sft_loss, which asks for the answer's positions, gives the cross-entropy of the full logits
+    with ignore_index (the reference sft_loss above) and the same gradients."""
+    import smpl
+    import train_sft
+    torch.manual_seed(0)
+    model = randomize_(PoseLLaVA(small_config(tokenizer)))
+    batch = batch_of(world, tokenizer, model.config, range(8))
+    args = (batch["input_ids"], batch["attention_mask"], batch["clip_pixels"], batch["pose_pixels"])
+    at = torch.rand(batch["input_ids"].shape, generator=torch.Generator().manual_seed(1)) < 0.3  # (B, T)
+    full = model(*args).logits  # (B, T, V)
+    part = model(*args, logits_at=at).logits  # (n, V)
+    assert part.shape == (int(at.sum()), full.shape[-1])
+    torch.testing.assert_close(part, full[at], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="logits_at has shape"):
+        model(*args, logits_at=at[:, 1:])
+    # SFT's cross-entropy: the answer positions only against every position with ignore_index
+    cfg = train_sft.SFTConfig(ce_weight=1.0, nll_weight=0.0, joint_weight=0.0)
+    loss, parts = train_sft.sft_loss(model, smpl.build_body_model("", "cpu"), batch, cfg)
+    out = model(*args, answer_mask=batch["labels"] != -100)
+    ref = F.cross_entropy(out.logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), ignore_index=-100)
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
+    params = [p for p in model.parameters() if p.requires_grad]
+    g_ours = torch.autograd.grad(loss, params, allow_unused=True)
+    g_ref = torch.autograd.grad(ref, params, allow_unused=True)
+    for p, a, b in zip(params, g_ours, g_ref):  # the pose terms, weighed 0, give zeros where ref gives None
+        zero = torch.zeros_like(p)
+        torch.testing.assert_close(zero if a is None else a, zero if b is None else b, rtol=1e-4, atol=1e-6)

@@ -33,7 +33,8 @@ def sft_dir(tmp_path_factory):
     """A tiny SFT run of a few steps (tokenizer, both retrievers, policy): pi_init for the RFT tests."""
     out = tmp_path_factory.mktemp("sft")
     cfg = train_sft.SFTConfig(out_dir=str(out), max_steps=6, batch_size=4, poseworld_size=120, retriever_pairs=120,
-                              retriever_steps=4, retriever_batch=32, vocab_size=400, save_every=3, warmup_steps=2,
+                              retriever_steps=4, retriever_batch=32, vocab_size=400, save_every=3,
+                              pretrain_steps=3, pretrain_images=64, pretrain_batch=8, warmup_steps=2,
                               num_threads=1)
     train_sft.main(cfg=cfg)
     return str(out)
@@ -74,6 +75,7 @@ def test_sft_resume_equals_uninterrupted_run(tmp_path):
     def cfg(out, **kw):
         return train_sft.SFTConfig(out_dir=str(out), max_steps=4, batch_size=4, poseworld_size=120,
                                    retriever_pairs=120, retriever_steps=2, retriever_batch=32, vocab_size=400,
+                                   pretrain_steps=3, pretrain_images=64, pretrain_batch=8,
                                    save_every=2, warmup_steps=2, num_threads=1, **kw)
     train_sft.main(cfg=cfg(tmp_path / "a"))
     train_sft.main(cfg=cfg(tmp_path / "b", stop_after=2))
@@ -130,7 +132,7 @@ def test_main_job_end_to_end(tmp_path):
     none), evaluates before, runs RFT, evaluates after, prints the table and writes every artefact; then
     `python eval.py --ckpt=...` evaluates the result."""
     sft = ("max_steps=8;batch_size=4;poseworld_size=150;retriever_pairs=150;retriever_steps=3;retriever_batch=32;"
-           "vocab_size=400")
+           "vocab_size=400;pretrain_steps=3;pretrain_images=64;pretrain_batch=8")
     cmd = [sys.executable, os.path.join(ROOT, "train_rft.py"), f"--sft_overrides={sft}", "--poseworld_size=150",
            "--max_steps=3", "--G=2", "--batch_size=2", "--max_new_tokens=12", "--eval_size=90",
            "--gallery_every=2", "--save_every=2"]
@@ -207,7 +209,8 @@ def test_nonfinite_step_stops_and_keeps_last_good_checkpoint(sft_dir, tmp_path):
 
     sft = tmp_path / "sft"
     cfg = dict(out_dir=str(sft), max_steps=4, batch_size=4, poseworld_size=120, retriever_pairs=120,
-               retriever_steps=2, retriever_batch=32, vocab_size=400, save_every=2, warmup_steps=2, num_threads=1)
+               retriever_steps=2, retriever_batch=32, vocab_size=400, save_every=2, warmup_steps=2, num_threads=1,
+               pretrain_steps=3, pretrain_images=64, pretrain_batch=8)
     train_sft.main(cfg=train_sft.SFTConfig(**cfg, stop_after=2))
     good = _trained_tensors(sft)
     with pytest.raises(SystemExit, match="step 3: the loss .* not finite"):
@@ -316,7 +319,8 @@ def test_unfinished_sft_is_resumed_or_refused(tmp_path):
     pi_init without a word, and a half retriever folder taken for a whole one."""
     sft = tmp_path / "sft"
     cfg = dict(out_dir=str(sft), max_steps=4, batch_size=4, poseworld_size=120, retriever_pairs=120,
-               retriever_steps=2, retriever_batch=32, vocab_size=400, save_every=2, warmup_steps=2, num_threads=1)
+               retriever_steps=2, retriever_batch=32, vocab_size=400, save_every=2, warmup_steps=2, num_threads=1,
+               pretrain_steps=3, pretrain_images=64, pretrain_batch=8)
     train_sft.main(cfg=train_sft.SFTConfig(**cfg, stop_after=2))
     extra = json.load(open(sft / "checkpoint" / "config.json"))["extra"]
     assert extra["finished"] is False and extra["step"] == 2
@@ -381,3 +385,34 @@ def test_beta_nll_weighs_each_number_by_its_detached_std():
     ls = torch.full((1, 144), math.log(0.3), requires_grad=True)
     train_sft.pose_nll(torch.full((1, 144), 0.3), torch.zeros(1, 144), ls, beta=1.0, log_std_ref=-1.0).backward()
     assert ls.grad.abs().max() < 1e-5
+
+
+@pytest.mark.slow
+def test_pose_encoder_pretraining_learns_and_changes_only_f_b():
+    """train_sft.pretrain_pose_encoder at its default budget (the tiny preset's stand-in for HMR2.0's
+    pretraining): its joint error ends well below always answering the images' average pose (0.65 of it;
+    with the poses paired to the wrong images, 0.93), it changes the pose ViT f_b and nothing else of the
+    policy (the regression head is thrown away), and it leaves the global RNG as it found it (SFT after it
+    draws what it would draw without it). Catches training another module, a head left in the policy,
+    images not paired with their poses, and an RNG side effect. (Smaller budgets only memorise.)"""
+    import data
+    import smpl
+    from model import pose_to_rot6d
+    cfg = train_sft.SFTConfig(vocab_size=400, poseworld_size=120)
+    tokenizer = train_sft.train_tokenizer(cfg, data.build_datasets(cfg, "train"))
+    policy = train_sft.build_policy(cfg, tokenizer, torch.device("cpu"))
+    body = smpl.build_body_model("", "cpu")
+    before = {n: p.clone() for n, p in policy.state_dict().items()}
+    rng = torch.get_rng_state()
+    error = train_sft.pretrain_pose_encoder(policy, body, cfg, "cpu")
+    assert torch.equal(torch.get_rng_state(), rng)
+    after = policy.state_dict()
+    assert after.keys() == before.keys()
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert changed == {n for n in before if n.startswith("pose_encoder.")}
+    # the same images' error when always answering their average pose (in rot6d, as the head would)
+    world = data.PoseWorld("train", size=cfg.pretrain_images, seed=cfg.seed + 5, tasks=("i2p",))
+    J_gt = smpl.pose_joints(world.poses, body)  # (n, 24, 3)
+    mean = pose_to_rot6d(world.poses).mean(0, keepdim=True)  # (1, 144)
+    average = (smpl.pose_joints(mean, body) - J_gt).norm(dim=-1).mean().item()
+    assert error < 0.8 * average, (error, average)
