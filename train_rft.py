@@ -12,7 +12,7 @@ frozen base (model.PoseLLaVA.reference; the paper writes both as pi_ref; see hyg
 
 The main job, `python train_rft.py` with no arguments on a fresh clone: trains the tiny SFT model if
 there is none yet (train_sft.py), evaluates it, runs RFT on PoseWorld, evaluates again and prints the
-before/after table (also written to out/tiny-rft/results.md). It took 11.3 minutes on a 2-core CPU (README).
+before/after table (also written to out/tiny-rft/results.md). It took 9.6 minutes on a 2-core CPU (README).
 
 Launch:
     python train_rft.py                                    # the main job (tiny preset, CPU)
@@ -75,7 +75,8 @@ class RFTConfig:
     clip_eps: float = 0.2             # epsilon of the clipped ratios
     # inner_epochs = 1: the policy that is scored IS the sampler, every ratio is exactly 1, and clip_eps
     # never acts (only the ratios' gradients matter; hygrpo.py notes 1, 15). Clipping needs >= 2.
-    beta: float = 0.05                # KL to pi_ref; tiny, 3 seeds: posecode +2.8 at 0.05, +1.9 at 0.1 (README)
+    beta: float = 0.05                # KL to pi_ref; tiny, 3 seeds of the earlier SFT: posecode +2.8 at 0.05, +1.9 at 0.1
+    # (README); from today's SFT, seeds 0 and 1: +3.3 and +4.8 at 0.05, +1.6 and +2.6 at 0.1
     pose_kl: str = "exact"            # pose KL: closed form ("exact", note 12), or GRPO's "k3" at the sample
     temperature: float = 1.0          # sampling temperature of the text policy
     top_p: float = 1.0
