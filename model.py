@@ -2854,7 +2854,7 @@ DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16
 POSITIVE_FIELDS = ("max_steps", "batch_size", "save_every", "log_every", "gallery_every", "inner_epochs",
                    "pose_samples",
                    "poseworld_size", "image_size", "vocab_size", "retriever_pairs",
-                   "retriever_steps", "retriever_batch")
+                   "retriever_steps", "retriever_batch", "pretrain_images", "pretrain_batch")
 
 
 def check_config(cfg):
@@ -2882,6 +2882,9 @@ def check_config(cfg):
         problems.append(f"--eval_size={cfg.eval_size}: 0 (the whole test split) or a number of test samples")
     if getattr(cfg, "agreement_prompts", 0) < 0:
         problems.append(f"--agreement_prompts={cfg.agreement_prompts}: 0 (skip) or a number of test captions")
+    if getattr(cfg, "pretrain_steps", 0) < 0:
+        problems.append(f"--pretrain_steps={cfg.pretrain_steps}: 0 (no pretraining of the tiny pose ViT) or a "
+                        f"number of steps")
     if cfg.stop_after < 0:
         problems.append(f"--stop_after={cfg.stop_after}: 0 (run to --max_steps) or a number of steps")
     if hasattr(cfg, "G") and cfg.G < 2:

@@ -221,8 +221,8 @@ def pretrain_pose_encoder(policy, body_model, cfg, device):
     pose_size = policy.config.pose_size
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed + 5)
-        head = M.GaussianPoseHead(f_b.config.hidden_size, policy.config.head_hidden, deterministic=True,
-                                  device=device)
+        head = M.GaussianPoseHead(f_b.config.hidden_size, policy.config.head_hidden,
+                                  deterministic=True).to(device)  # drawn on the CPU: no GPU RNG used
         g = torch.Generator().manual_seed(cfg.seed + 5)
         params = [p for p in f_b.parameters()] + list(head.parameters())
         opt = torch.optim.AdamW(params, lr=cfg.pretrain_lr, betas=(cfg.beta1, cfg.beta2),
@@ -238,11 +238,17 @@ def pretrain_pose_encoder(policy, body_model, cfg, device):
             J_pred = smpl.pose_joints(mu, body_model)  # (B, 24, 3)
             J_gt = smpl.pose_joints(world.poses[idx].to(device), body_model)  # (B, 24, 3)
             loss = (J_pred - J_gt).norm(dim=-1).mean()  # mean per-joint error, metres
+            if not torch.isfinite(loss):
+                raise SystemExit(f"pose ViT pretraining, step {step + 1}: the loss is {loss.item()}; "
+                                 f"lower --pretrain_lr (now {cfg.pretrain_lr})")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             opt.step()
             errors.append(loss.item())
+    if dist.is_initialized():  # every rank computed the same f_b; on a GPU, take rank 0's bits
+        for p in f_b.parameters():
+            dist.broadcast(p.data, 0)
     error = sum(errors[-50:]) / len(errors[-50:])
     print0(f"pose ViT pretrained for {cfg.pretrain_steps} steps on {world.size} PoseWorld images: "
            f"joint error {1000 * error:.0f} mm (last 50 steps)")

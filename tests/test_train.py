@@ -233,7 +233,8 @@ def test_bad_settings_are_one_clear_error():
            (rft(inner_epochs=0), "--inner_epochs=0"), (rft(save_every=0), "--save_every=0"),
            (sft(log_every=0), "--log_every=0"), (rft(gallery_every=0), "--gallery_every=0"),
            (sft(preset="unknown"), "--preset='unknown'.*tiny, llava-1.5-7b"),
-           (sft(poseworld_size="120"), "--poseworld_size='120' must be a int")]
+           (sft(poseworld_size="120"), "--poseworld_size='120' must be a int"),
+           (sft(pretrain_steps=-1), "--pretrain_steps=-1"), (sft(pretrain_batch=0), "--pretrain_batch=0")]
     for cfg, message in bad:
         with pytest.raises(SystemExit, match=message):
             train_sft.check_config(cfg)
