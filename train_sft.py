@@ -78,7 +78,7 @@ class SFTConfig:
     smpl_path: str = ""              # official SMPL model file; empty = the built-in skeleton
     # optimisation (Table 4, left column, for llava-1.5-7b: batch 80, lr 3e-4, 10000 steps, cosine)
     batch_size: int = 16             # per rank
-    max_steps: int = 2400            # tiny, after pretrain_steps; 3000: +6 posecode points, +1 minute (README)
+    max_steps: int = 2400            # tiny, after pretrain_steps; 3000: posecode +4.2 (3 seeds), +1 minute (README)
     lr: float = 5e-4                 # tiny trains from scratch; 2e-3 collapsed to one constant pose
     min_lr_ratio: float = 0.1        # cosine decays to lr * min_lr_ratio
     warmup_steps: int = 50
