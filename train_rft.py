@@ -76,7 +76,7 @@ class RFTConfig:
     # inner_epochs = 1: the policy that is scored IS the sampler, every ratio is exactly 1, and clip_eps
     # never acts (only the ratios' gradients matter; hygrpo.py notes 1, 15). Clipping needs >= 2.
     beta: float = 0.05                # KL to pi_ref; tiny, 3 seeds of the earlier SFT: posecode +2.8 at 0.05, +1.9 at 0.1
-    # (README); from today's SFT, seeds 0 and 1: +3.3 and +4.8 at 0.05, +1.6 and +2.6 at 0.1
+    # (README); from today's SFT, 3 seeds: +3.2 at 0.05, +1.5 at 0.1 (MPJPE +1.7 and +1.4 mm)
     pose_kl: str = "exact"            # pose KL: closed form ("exact", note 12), or GRPO's "k3" at the sample
     temperature: float = 1.0          # sampling temperature of the text policy
     top_p: float = 1.0
