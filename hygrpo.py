@@ -88,6 +88,10 @@ Where this code departs from the paper, or chooses where the paper leaves a choi
    before) and its variance falls about M-fold; the text is generated and scored once per answer, so
    the cost of a step hardly grows. Each copy of an answer gets the same F_hat, so the discrete term
    and its KL are unchanged (each answer counted M times in N). M = 1 is the paper's estimator.
+17. Outside this file, the tiny preset departs from the paper's training in two more places, each said
+   where it is set: its pose ViT f_b is pretrained on PoseWorld images before SFT
+   (train_sft.pretrain_pose_encoder, a stand-in for the pretrained HMR2.0), and its RFT trains the whole
+   tiny LLM, not LoRA alone (model.PoseLLaVA.trained_names). The 7B preset does neither.
 """
 from __future__ import annotations
 

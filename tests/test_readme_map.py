@@ -24,7 +24,7 @@ def test_readme_map_line_numbers_point_at_what_they_name():
     for name, starts, formats in rows:
         lines = open(os.path.join(ROOT, name), encoding="utf-8").read().splitlines()
         at = lambda n: lines[int(n) - 1]  # noqa: E731
-        for symbol, n in re.findall(r"`([^`]+)`(?:,? (?:line|at) )(\d+)", starts):
+        for symbol, n in re.findall(r"`([^`]+)`(?: \([^)]*\))?(?:,? (?:line|at) )(\d+)", starts):
             symbol = symbol.split()[-1]  # "class PoseLLaVA" -> "PoseLLaVA"
             assert symbol in at(n), f"{name}:{n} should hold {symbol!r}: {at(n)!r}"
             checked += 1
