@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import shutil
 import sys
@@ -224,7 +225,7 @@ def pretrain_pose_encoder(policy, body_model, cfg, device):
         head = M.GaussianPoseHead(f_b.config.hidden_size, policy.config.head_hidden,
                                   deterministic=True).to(device)  # drawn on the CPU: no GPU RNG used
         g = torch.Generator().manual_seed(cfg.seed + 5)
-        params = [p for p in f_b.parameters()] + list(head.parameters())
+        params = list(f_b.parameters()) + list(head.parameters())
         opt = torch.optim.AdamW(params, lr=cfg.pretrain_lr, betas=(cfg.beta1, cfg.beta2),
                                 weight_decay=cfg.weight_decay)
         f_b.train()
@@ -238,12 +239,13 @@ def pretrain_pose_encoder(policy, body_model, cfg, device):
             J_pred = smpl.pose_joints(mu, body_model)  # (B, 24, 3)
             J_gt = smpl.pose_joints(world.poses[idx].to(device), body_model)  # (B, 24, 3)
             loss = (J_pred - J_gt).norm(dim=-1).mean()  # mean per-joint error, metres
-            if not torch.isfinite(loss):
-                raise SystemExit(f"pose ViT pretraining, step {step + 1}: the loss is {loss.item()}; "
-                                 f"lower --pretrain_lr (now {cfg.pretrain_lr})")
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item()
+            # model.check_finite_update's test, with this stage's flag (there is no checkpoint yet to keep)
+            if not (math.isfinite(loss.item()) and math.isfinite(grad_norm)):
+                raise SystemExit(f"pose ViT pretraining, step {step + 1}: the loss ({loss.item()}) or the gradient "
+                                 f"norm ({grad_norm}) is not finite; lower --pretrain_lr (now {cfg.pretrain_lr})")
             opt.step()
             errors.append(loss.item())
     if dist.is_initialized():  # every rank computed the same f_b; on a GPU, take rank 0's bits

@@ -388,6 +388,19 @@ def test_beta_nll_weighs_each_number_by_its_detached_std():
     assert ls.grad.abs().max() < 1e-5
 
 
+def test_pose_encoder_pretraining_stops_on_a_nonfinite_step():
+    """An absurd rate (1e38) blows the weights up in the first update, so the second step's loss is not
+    finite: pretraining stops there, naming --pretrain_lr, and SFT never starts from broken weights."""
+    import data
+    import smpl
+    cfg = train_sft.SFTConfig(vocab_size=400, poseworld_size=120, pretrain_steps=3, pretrain_images=64,
+                              pretrain_batch=8, pretrain_lr=1e38)
+    tokenizer = train_sft.train_tokenizer(cfg, data.build_datasets(cfg, "train"))
+    policy = train_sft.build_policy(cfg, tokenizer, torch.device("cpu"))
+    with pytest.raises(SystemExit, match=r"pose ViT pretraining, step 2: .* not finite; lower --pretrain_lr"):
+        train_sft.pretrain_pose_encoder(policy, smpl.build_body_model("", "cpu"), cfg, "cpu")
+
+
 @pytest.mark.slow
 def test_pose_encoder_pretraining_learns_and_changes_only_f_b():
     """train_sft.pretrain_pose_encoder at its default budget (the tiny preset's stand-in for HMR2.0's
