@@ -227,8 +227,8 @@ def candidates_of(rollout, batch, tokenizer, body_model, G) -> Candidates:
     R = smpl.rot6d_to_matrix(rollout.pose.view(N, 24, 6))  # (N, 24, 3, 3)
     joints = smpl.pose_joints(rollout.pose, body_model)  # (N, 24, 3)
     has_gt = batch["has_pose"].repeat_interleave(G)  # (N,)
-    gt_pose = M.pose_to_rot6d(batch["pose"]).repeat_interleave(G, dim=0)  # (N, 144)
-    gt_joints = smpl.pose_joints(gt_pose, body_model)  # (N, 24, 3) same body model as the prediction
+    gt_joints = smpl.pose_joints(M.pose_to_rot6d(batch["pose"]), body_model)  # (B, 24, 3) same body model
+    gt_joints = gt_joints.repeat_interleave(G, dim=0)  # (N, 24, 3) once per prompt, then repeated
     rep = lambda xs: [x for x in xs for _ in range(G)]  # noqa: E731  per prompt -> per candidate
     codes = {}  # PoseWorld's reference posecodes and the caption's codes, for the `oracle` diagnostic
     if isinstance(batch.get("codes"), list) and all(torch.is_tensor(x) for x in batch["codes"]):
@@ -528,8 +528,9 @@ class TextEmbedder(Protocol):
 def text_similarity(embedder: TextEmbedder, preds: Sequence[str], refs: Sequence[str]) -> torch.Tensor:
     """Eq. 10: R_text = cos(E(a_pred), E(a_gt)) for each pair, (n,) in [-1, 1].
 
-    Predictions and references go through the embedder in one call. Empty strings are fine (they
-    still get <s></s>); a zero or non-finite embedding gives 0 rather than NaN.
+    Predictions and references go through the embedder in one call, each distinct text once: a VQA
+    prompt's G x M candidates (note 16 of hygrpo.py) repeat G answers and one reference. Empty strings
+    are fine (they still get <s></s>); a zero or non-finite embedding gives 0 rather than NaN.
     """
     if len(preds) != len(refs):
         raise ValueError(f"text_similarity needs as many predictions as references, got "
@@ -537,8 +538,12 @@ def text_similarity(embedder: TextEmbedder, preds: Sequence[str], refs: Sequence
     n = len(preds)
     if n == 0:
         return torch.zeros(0)
-    e = embedder.embed(list(preds) + list(refs)).float()  # (2n, d)
-    e = F.normalize(torch.nan_to_num(e, nan=0.0, posinf=0.0, neginf=0.0), dim=-1)  # (2n, d)
+    texts = list(preds) + list(refs)  # (2n,)
+    unique = list(dict.fromkeys(texts))  # (U,) in order of first appearance
+    where = {t: i for i, t in enumerate(unique)}
+    e = embedder.embed(unique).float()  # (U, d)
+    e = F.normalize(torch.nan_to_num(e, nan=0.0, posinf=0.0, neginf=0.0), dim=-1)  # (U, d)
+    e = e[torch.tensor([where[t] for t in texts], device=e.device)]  # (2n, d)
     return (e[:n] * e[n:]).sum(-1).clamp(-1.0, 1.0)  # (n,)
 
 

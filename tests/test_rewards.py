@@ -341,6 +341,25 @@ def test_text_reward_mean_pool_embedder(tok):
         MeanPoolEmbedder(lambda ids, mask: torch.zeros(ids.shape[0], 4), tok).embed(["yes"])
 
 
+def test_text_similarity_embeds_each_text_once(tok):
+    """A VQA prompt's G x M candidates repeat a few answers and one reference: each distinct text is
+    embedded once, and every pair still gets the cosine of its own two texts (rows not mixed up)."""
+    seen = []
+
+    class Counting(MeanPoolEmbedder):
+        def embed(self, texts):
+            seen.extend(texts)
+            return super().embed(texts)
+
+    emb = Counting(TokenTable(tok.vocab_size), tok)
+    preds = ["yes", "no", "yes", "squatting", "no", "yes"]
+    refs = ["no", "no", "no", "yes", "yes", "no"]
+    sim = rewards.text_similarity(emb, preds, refs)  # (6,)
+    assert sorted(seen) == ["no", "squatting", "yes"]
+    e = dict(zip(["yes", "no", "squatting"], emb.embed(["yes", "no", "squatting"])))
+    torch.testing.assert_close(sim, torch.stack([e[p] @ e[r] for p, r in zip(preds, refs)]))
+
+
 # --- the retriever: data helpers, save / load, learning -------------------------------------------------
 
 
