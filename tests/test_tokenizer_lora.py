@@ -254,6 +254,22 @@ def test_trained_bpe_loads_in_tokenizers_and_encodes_identically(tmp_path):
     assert again.spec["model"]["merges"] == ours.spec["model"]["merges"]
 
 
+def test_word_cut_only_where_merges_allow_it(llama_spec, tmp_path):
+    """Cutting a segment into words before each "▁" (so the word cache serves repeated words) must give
+    the ids of one whole-segment BPE. Our trainer's merges never take a right symbol with "▁", so it cuts
+    and matches the uncut encoding; a file with a "▁▁" merge (learned from whitespace runs) must not cut,
+    since there a cut would split "▁▁" apart."""
+    ours = Tokenizer.train_bpe(_sentences(3000, seed=2), vocab_size=500)
+    assert ours._cut_words
+    texts = BATTERY + _sentences(200, seed=4) + ["a  b", "  x  y  ", "▁▁lead", "end▁▁"]
+    cut = [ours.encode(t, add_bos=True) for t in texts]
+    ours._cut_words, ours._cache = False, {}
+    assert [ours.encode(t, add_bos=True) for t in texts] == cut
+    legacy, _ = _load_both(llama_spec, tmp_path)
+    assert any(SPIECE in m.split(" ")[1] for m in legacy.spec["model"]["merges"])  # a "▁▁"-like merge
+    assert not legacy._cut_words
+
+
 def test_trainer_matches_naive_recount():
     """The incremental pair-count update learns exactly the merges of the textbook loop that recounts every
     pair after each merge (same tie rule: most frequent, then smallest pair). Catches a missed count update."""
