@@ -41,6 +41,15 @@ def _check_joints(pred: torch.Tensor, gt: torch.Tensor, fn: str):
                          f"got {tuple(pred.shape)} and {tuple(gt.shape)}")
 
 
+def spread(joints: torch.Tensor) -> torch.Tensor:
+    """How far each pose of a set lies from the set's average: the MPJPE (pelvis-aligned) of each pose
+    against the mean of the pelvis-aligned poses. (B, J, 3) -> (B,), input units. For a model's answers
+    to B images it says how much the answers depend on the image: 0 when it answers one pose for all."""
+    _check_joints(joints, joints, "spread")
+    rel = joints - joints[:, :1]  # (B, J, 3)
+    return (rel - rel.mean(0, keepdim=True)).norm(dim=-1).mean(-1)  # (B,)
+
+
 def mpjpe(pred: torch.Tensor, gt: torch.Tensor, root: int | Sequence[int] | None = 0) -> torch.Tensor:
     """Mean per-joint position error of each sample. (B, J, 3), (B, J, 3) -> (B,), input units.
 
@@ -322,6 +331,9 @@ def evaluate(policy, tokenizer, dataset, body_model, retrievers: dict, embedder,
         items["i2p_pa_mpjpe_mm"] = (1000 * pa_mpjpe(joints[i2p], gt)).tolist()
         if baseline_poses is not None:
             out["i2p_mean_pose_mpjpe_mm"] = 1000 * mpjpe(baseline_joints("i2p", len(i2p)), gt).mean().item()
+        # how much the answers depend on the image (0 = one pose for every image); the ground truth's for scale
+        items["i2p_spread_mm"] = (1000 * spread(joints[i2p])).tolist()
+        out["i2p_gt_spread_mm"] = 1000 * spread(gt).mean().item()
 
     # text-to-pose: R@K of (caption, generated pose) pairs under both protocols, both retrievers, and
     # PoseWorld's exact posecode accuracy (no learned model involved)
@@ -497,6 +509,7 @@ def evaluate_real_i2p(policy, tokenizer, dataset, body_model, name: str, limit: 
 # (key, label, True if lower is better); recall keys are filled in for each protocol and retriever
 _ROWS = [("i2p_mpjpe_mm", "Image-to-pose MPJPE (mm)", True),
          ("i2p_pa_mpjpe_mm", "Image-to-pose PA-MPJPE (mm)", True),
+         ("i2p_spread_mm", "Image-to-pose answers' spread (mm; lower: less image-dependent)", False),
          ("3dpw_mpjpe_mm", "3DPW MPJPE (mm)", True), ("3dpw_pa_mpjpe_mm", "3DPW PA-MPJPE (mm)", True),
          ("3dpw_approx_mpjpe_mm", "3DPW MPJPE (mm), APPROXIMATE: not the published protocol", True),
          ("3dpw_approx_pa_mpjpe_mm", "3DPW PA-MPJPE (mm), APPROXIMATE: not the published protocol", True),
@@ -515,6 +528,7 @@ _ROWS += [("t2p_posecode_acc", "Text-to-pose posecode accuracy (%)", False),
 
 
 _BASELINES = [("i2p_mean_pose_mpjpe_mm", "Image-to-pose MPJPE of always answering the average training pose (mm)"),
+              ("i2p_gt_spread_mm", "Image-to-pose spread of the ground-truth poses (mm)"),
               ("t2p_mean_pose_posecode_acc", "Posecode accuracy of always answering the average training pose (%)")]
 _SCALE = {"t2p_agree_reward": 100.0, "t2p_agree_eval": 100.0}  # shown x100 like the other columns
 
@@ -583,6 +597,7 @@ COMPARE_KEYS = [("t2p_posecode_acc", "posecode accuracy (%)", False),
                 ("t2p_sampled_reward_t2p@10", "R^T2P@10 sampled, reward retriever (%)", False),
                 ("i2p_mpjpe_mm", "image-to-pose MPJPE (mm)", True),
                 ("i2p_pa_mpjpe_mm", "image-to-pose PA-MPJPE (mm)", True),
+                ("i2p_spread_mm", "image-to-pose answers' spread (mm)", False),
                 ("t2p_agree_reward", "reward retriever-checker agreement (Spearman)", False),
                 ("vqa_text_sim", "VQA answer similarity (x100)", False),
                 ("format_rate", "format rate (%)", False)]

@@ -236,6 +236,7 @@ def test_evaluate_reports_mean_pose_baselines_and_per_item_values(world, tokeniz
     assert r["i2p_mean_pose_mpjpe_mm"] == pytest.approx(r["i2p_mpjpe_mm"], rel=1e-5)
     assert r["t2p_mean_pose_posecode_acc"] == pytest.approx(r["t2p_posecode_acc"], rel=1e-5)
     assert 100 < r["i2p_mean_pose_mpjpe_mm"] < 400  # a constant answer is far off, but not absurd
+    assert r["i2p_spread_mm"] < 1e-3 < 10 < r["i2p_gt_spread_mm"]  # one answer for every image: no spread
     items = r["items"]
     assert len(items["i2p_mpjpe_mm"]) == r["i2p_n"] and len(items["t2p_posecode_acc"]) == r["t2p_n"]
     for key in ("i2p_mpjpe_mm", "t2p_posecode_acc", "t2p_full_eval_t2p@10", "vqa_text_sim"):
@@ -244,6 +245,18 @@ def test_evaluate_reports_mean_pose_baselines_and_per_item_values(world, tokeniz
     r2 = E.evaluate(None, tokenizer, world, smpl.SMPL(), {"eval": retriever}, ExactEmbedder(), progress=False,
                     baseline_poses=swapped)
     assert abs(r2["i2p_mean_pose_mpjpe_mm"] - r["i2p_mean_pose_mpjpe_mm"]) > 1
+
+
+def test_spread_by_hand():
+    """spread: each pose's pelvis-aligned MPJPE against the set's mean. Two poses that differ only in joint
+    5, by 0.1 m, each lie 0.05 m from the mean at that joint: 0.05 / 24 each. A shift of a whole pose (the
+    pelvis with it) changes nothing; one pose, or identical poses, have spread 0."""
+    a = torch.randn(24, 3)
+    b = a.clone()
+    b[5, 0] += 0.1
+    torch.testing.assert_close(E.spread(torch.stack([a, b])), torch.full((2,), 0.05 / 24))
+    torch.testing.assert_close(E.spread(torch.stack([a, b + 3.0])), torch.full((2,), 0.05 / 24))
+    assert E.spread(torch.stack([a, a, a])).abs().max() < 1e-6 and E.spread(a[None]).item() == 0
 
 
 def test_mean_pose_is_the_rotation_average():
