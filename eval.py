@@ -41,15 +41,6 @@ def _check_joints(pred: torch.Tensor, gt: torch.Tensor, fn: str):
                          f"got {tuple(pred.shape)} and {tuple(gt.shape)}")
 
 
-def spread(joints: torch.Tensor) -> torch.Tensor:
-    """How far each pose of a set lies from the set's average: the MPJPE (pelvis-aligned) of each pose
-    against the mean of the pelvis-aligned poses. (B, J, 3) -> (B,), input units. For a model's answers
-    to B images it says how much the answers depend on the image: 0 when it answers one pose for all."""
-    _check_joints(joints, joints, "spread")
-    rel = joints - joints[:, :1]  # (B, J, 3)
-    return (rel - rel.mean(0, keepdim=True)).norm(dim=-1).mean(-1)  # (B,)
-
-
 def mpjpe(pred: torch.Tensor, gt: torch.Tensor, root: int | Sequence[int] | None = 0) -> torch.Tensor:
     """Mean per-joint position error of each sample. (B, J, 3), (B, J, 3) -> (B,), input units.
 
@@ -99,6 +90,15 @@ def pa_mpjpe(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
     (B, J, 3), (B, J, 3) -> (B,), input units. No root alignment is needed: Procrustes fits the
     translation."""
     return mpjpe(procrustes_align(pred, gt), gt, root=None)  # (B,)
+
+
+def spread(joints: torch.Tensor) -> torch.Tensor:
+    """How far each pose of a set lies from the set's average: the MPJPE (pelvis-aligned) of each pose
+    against the mean of the pelvis-aligned poses. (B, J, 3) -> (B,), input units. For a model's answers
+    to B images it says how much the answers depend on the image: 0 when it answers one pose for all."""
+    _check_joints(joints, joints, "spread")
+    rel = joints - joints[:, :1]  # (B, J, 3)
+    return (rel - rel.mean(0, keepdim=True)).norm(dim=-1).mean(-1)  # (B,)
 
 
 # ----------------------------------------------------------------------------------------------------
