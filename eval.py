@@ -289,7 +289,9 @@ def evaluate(policy, tokenizer, dataset, body_model, retrievers: dict, embedder,
     embedder: the text embedder of the text reward (Eq. 10), reused for the VQA answer similarity.
     baseline_poses: {"i2p": (n, 24, 3), "t2p": (n, 24, 3)} training poses (axis-angle) of each task; their
     average pose (mean_pose) is scored like an answer, as `i2p_mean_pose_mpjpe_mm` and
-    `t2p_mean_pose_posecode_acc`: the trivial baselines a policy must beat.
+    `t2p_mean_pose_posecode_acc`: the trivial baselines a policy must beat. Image-to-pose also gives
+    `i2p_spread_mm` (spread: how much the answers depend on the image) and the ground truth's,
+    `i2p_gt_spread_mm`.
     agreement_prompts: for this many text-to-pose prompts, G poses are SAMPLED from the policy (as RFT
     does) and each retriever's cosine is compared with the exact posecode check by the rank correlation
     within each prompt's G (group_rank_correlation): `t2p_agree_{name}`, how far the semantic reward
@@ -506,10 +508,10 @@ def evaluate_real_i2p(policy, tokenizer, dataset, body_model, name: str, limit: 
 # ----------------------------------------------------------------------------------------------------
 # Tables
 
-# (key, label, True if lower is better); recall keys are filled in for each protocol and retriever
+# (key, label, True if lower is better, None if neither); recall keys are filled in for each protocol and retriever
 _ROWS = [("i2p_mpjpe_mm", "Image-to-pose MPJPE (mm)", True),
          ("i2p_pa_mpjpe_mm", "Image-to-pose PA-MPJPE (mm)", True),
-         ("i2p_spread_mm", "Image-to-pose answers' spread (mm; lower: less image-dependent)", False),
+         ("i2p_spread_mm", "Image-to-pose answers' spread (mm; the ground truth's is below)", None),
          ("3dpw_mpjpe_mm", "3DPW MPJPE (mm)", True), ("3dpw_pa_mpjpe_mm", "3DPW PA-MPJPE (mm)", True),
          ("3dpw_approx_mpjpe_mm", "3DPW MPJPE (mm), APPROXIMATE: not the published protocol", True),
          ("3dpw_approx_pa_mpjpe_mm", "3DPW PA-MPJPE (mm), APPROXIMATE: not the published protocol", True),
@@ -556,7 +558,9 @@ def format_comparison(before: dict, after: dict | None = None, title: str = "") 
     its paired standard error over the same test items, and a verdict: "better" / "worse" only when
     the change exceeds twice its standard error, else "within noise" (an honest table: a regression is
     marked as such, and so is a change that noise alone could make). A row without per-item values
-    (no standard error) gets the plain verdict. The trivial baselines follow."""
+    (no standard error) gets the plain verdict. A row that is neither better higher nor lower (the
+    image-to-pose answers' spread: less than the ground truth's is too little image dependence, more is
+    noise) reads "higher" / "lower". The trivial baselines and the ground truth's spread follow."""
     head = "| metric | before | after | change (paired s.e.) |\n| --- | --- | --- | --- |" if after else \
         "| metric | value |\n| --- | --- |"
     lines = [f"**{title}**\n" if title else "", head]
@@ -580,7 +584,8 @@ def format_comparison(before: dict, after: dict | None = None, title: str = "") 
             elif se is not None and abs(d) <= 2 * se:
                 verdicts.append("within noise")
             else:
-                verdicts.append("better" if (d < 0) == lower_better else "worse")
+                verdicts.append(("lower" if d < 0 else "higher") if lower_better is None
+                                else "better" if (d < 0) == lower_better else "worse")
         verdict = verdicts[0] if len(set(verdicts)) == 1 else "mixed"
         lines.append(f"| {label} | {fmt(b)} | {fmt(a)} | {' / '.join(cells)} ({verdict}) |")
     for key, label in _BASELINES:

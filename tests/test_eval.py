@@ -192,15 +192,16 @@ def test_human36m_errors_align_on_the_h36m_pelvis(tmp_path, tokenizer, monkeypat
 
 def test_comparison_table_is_honest():
     """A regression must read as one: lower-is-better errors that rise are 'worse', recalls that fall
-    are 'worse', mixed recalls are 'mixed'."""
-    before = {"i2p_mpjpe_mm": 100.0, "t2p_posecode_acc": 60.0,
+    are 'worse', mixed recalls are 'mixed'; the answers' spread is only 'lower' or 'higher'."""
+    before = {"i2p_mpjpe_mm": 100.0, "t2p_posecode_acc": 60.0, "i2p_spread_mm": 120.0,
               **{f"t2p_full_eval_{d}@{k}": 10.0 for d in ("t2p", "p2t") for k in (5, 10, 20)}}
-    after = dict(before, i2p_mpjpe_mm=110.0, t2p_posecode_acc=70.0, **{"t2p_full_eval_t2p@5": 5.0,
+    after = dict(before, i2p_mpjpe_mm=110.0, t2p_posecode_acc=70.0, i2p_spread_mm=110.0, **{"t2p_full_eval_t2p@5": 5.0,
                                                                        "t2p_full_eval_t2p@10": 12.0})
     table = E.format_comparison(before, after)
     row = lambda label: next(line for line in table.splitlines() if line.startswith(f"| {label}"))  # noqa: E731
     assert row("Image-to-pose MPJPE").endswith("(worse) |")
     assert row("Text-to-pose posecode").endswith("(better) |")
+    assert row("Image-to-pose answers' spread").endswith("(lower) |")  # neither better nor worse
     assert row("Text-to-pose R^T2P @5/10/20, full retrieval, eval").endswith("(mixed) |")
     assert row("Text-to-pose R^P2T @5/10/20, full retrieval, eval").endswith("(same) |")
 
