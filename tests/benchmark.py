@@ -215,6 +215,29 @@ def bench_prefill(B=16, G=8, new_tokens=24, rounds=3):
           f"{times['repeated'] / times['shared']:.2f}x faster")
 
 
+@bench("tokenize")
+def bench_tokenize(n=10000):
+    """The tiny BPE (train_sft.train_tokenizer on PoseWorld's train split) encoding n of the retrievers'
+    captions, each time with an empty word cache: the whole segment as one BPE word (what `tokenizers`
+    does with the llava-hf layout) against word by word, cut before each "▁" (Tokenizer._cut_words, valid
+    because no learned merge crosses a word). Prints both and whether the ids are the same."""
+    import data
+    import train_sft
+    cfg = train_sft.SFTConfig()
+    tok = train_sft.train_tokenizer(cfg, data.PoseWorld("train", size=cfg.poseworld_size, seed=0))
+    captions = list(train_sft.retriever_world(cfg).captions)[:n]
+    ids, times = {}, {}
+    for cut in (False, True):
+        tok._cut_words, tok._cache = cut, {}
+        t0 = time.perf_counter()
+        ids[cut] = [tok.encode(c, add_bos=True) for c in captions]
+        times[cut] = time.perf_counter() - t0
+    print(f"tiny BPE ({tok.vocab_size} tokens), {len(captions)} retriever captions, load average "
+          f"{os.getloadavg()[0]:.1f}; same ids both ways: {ids[False] == ids[True]}")
+    print(f"  {'whole segment':16s} {times[False]:7.2f} s")
+    print(f"  {'word by word':16s} {times[True]:7.2f} s   {times[False] / times[True]:.1f}x faster")
+
+
 @bench("rft")
 def bench_rft(steps=10):
     """One HyGRPO step of the tiny preset on CPU (train_rft.hygrpo_step with the main job's defaults):
