@@ -602,7 +602,7 @@ COMPARE_KEYS = [("t2p_posecode_acc", "posecode accuracy (%)", False),
                 ("t2p_sampled_reward_t2p@10", "R^T2P@10 sampled, reward retriever (%)", False),
                 ("i2p_mpjpe_mm", "image-to-pose MPJPE (mm)", True),
                 ("i2p_pa_mpjpe_mm", "image-to-pose PA-MPJPE (mm)", True),
-                ("i2p_spread_mm", "image-to-pose answers' spread (mm)", False),
+                ("i2p_spread_mm", "image-to-pose answers' spread (mm)", None),
                 ("t2p_agree_reward", "reward retriever-checker agreement (Spearman)", False),
                 ("vqa_text_sim", "VQA answer similarity (x100)", False),
                 ("format_rate", "format rate (%)", False)]

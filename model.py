@@ -2068,6 +2068,13 @@ def _byte_token(b: int) -> str:
     return f"<0x{b:02X}>"
 
 
+def _cut_before(segment: str, rep: str) -> list[str]:
+    """The words of a segment, cut before each `rep` ("▁"), which stays attached to the word it starts:
+    "x▁a▁▁b" -> "x", "▁a", "▁", "▁b"."""
+    r = re.escape(rep)
+    return re.findall(f"{r}[^{r}]*|[^{r}]+", segment)
+
+
 class Tokenizer:
     """Hand-written reader/writer of a Llama byte-fallback BPE `tokenizer.json`.
 
@@ -2264,7 +2271,7 @@ class Tokenizer:
         """Normalized segment -> the words BPE runs on (the whole segment when there is no pre-tokenizer)."""
         if self._metaspace is None:
             if self._cut_words:  # the same ids as one BPE word (see __init__)
-                return re.findall(f"{SPIECE}[^{SPIECE}]*|[^{SPIECE}]+", segment)
+                return _cut_before(segment, SPIECE)
             return [segment] if segment else []
         rep, scheme, split = self._metaspace
         segment = segment.replace(" ", rep)
@@ -2272,8 +2279,7 @@ class Tokenizer:
             segment = rep + segment
         if not split:
             return [segment] if segment else []
-        # each "▁" starts a new word and stays attached to it: "▁a▁▁b" -> "▁a", "▁", "▁b"
-        return re.findall(f"{re.escape(rep)}[^{re.escape(rep)}]*|[^{re.escape(rep)}]+", segment)
+        return _cut_before(segment, rep)
 
     def _initial_symbols(self, word: str) -> list[int]:
         """One id per character; a character outside the vocab becomes its UTF-8 bytes <0xNN>, or <unk>."""
