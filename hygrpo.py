@@ -92,6 +92,12 @@ Where this code departs from the paper, or chooses where the paper leaves a choi
    where it is set: its pose ViT f_b is pretrained on PoseWorld images before SFT
    (train_sft.pretrain_pose_encoder, a stand-in for the pretrained HMR2.0), and its RFT trains the whole
    tiny LLM, not LoRA alone (model.PoseLLaVA.trained_names). The 7B preset does neither.
+18. An option beyond the paper: `beta_c=` gives each candidate's pose KL its own weight in place of
+   Eq. 6's one beta (the text KL keeps beta). train_rft.py --beta_i2p weighs the image-to-pose prompts'
+   pose KL so. In the tiny preset the joint reward's gradient estimate from a prompt's 64 poses is
+   mostly noise, while the text-to-pose updates of the shared LLM and pose head move the image-to-pose
+   answers; a heavier closed-form KL on those prompts pulls their Gaussians back to pi_ref's (README,
+   "Holding image-to-pose"). With beta_c = beta everywhere this is Eq. 6.
 """
 from __future__ import annotations
 
@@ -224,7 +230,7 @@ def _clipped_surrogate(ratio, adv, clip_eps):
 def hygrpo_loss(logp, old_logp, ref_logp, mask, adv_d,
                 pose_logp, old_pose_logp, ref_pose_logp, adv_c, valid,
                 clip_eps: float = 0.2, beta: float = 0.04, discrete_only: bool = False, pose_kl=None,
-                N_norm: float | None = None, V_norm: float | None = None):
+                N_norm: float | None = None, V_norm: float | None = None, beta_c=None):
     """The negative of the HyGRPO objective, Eq. 6, with the choices of the module docstring.
 
     logp, old_logp, ref_logp: (N, T) per-token log-probs of the N sampled answers under the current,
@@ -244,6 +250,8 @@ def hygrpo_loss(logp, old_logp, ref_logp, mask, adv_d,
     pose_kl: optional (N,) per-candidate KL(pi_theta(p|q,a) || pi_ref(p|q,a)) to use for the pose part of
         the KL in place of the k3 estimate at the sampled pose (note 12): e.g. gaussian_kl of the two
         heads' Gaussians, exact and never clamped. It must carry the gradient; invalid slots are ignored.
+    beta_c: optional (N,) weight of each candidate's pose KL in place of beta (note 18); the text KL keeps
+        beta. None = beta for every candidate, Eq. 6. stats["kl_c"] stays the unweighted mean.
     N_norm, V_norm: the divisors of the discrete and continuous sums (and of their KLs); default N and this
         batch's V. Under data parallelism, where gradients are averaged over ranks, pass the GLOBAL counts
         divided by the world size (train_rft.global_normalisers all-reduces them), so that the averaged
@@ -292,17 +300,22 @@ def hygrpo_loss(logp, old_logp, ref_logp, mask, adv_d,
     r_c = torch.exp((pl - old_pl).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO))  # (N,)
     surr_c, clip_c = _clipped_surrogate(r_c, A_c, clip_eps)  # (N,), (N,)
     J_c = torch.where(valid, surr_c, zc).sum() / V_div  # () zero when V = 0
-    if pose_kl is None:
-        kl_c = torch.where(valid, kl_k3(pl, ref_pl), zc).sum() / V_div  # () k3 at the sampled poses
-    else:
-        if pose_kl.shape != (N,):
-            raise ValueError(f"pose_kl must be (N,) = ({N},), one value per candidate, got {tuple(pose_kl.shape)}")
-        kl_c = torch.where(valid, pose_kl, zc).sum() / V_div  # () the given (exact) KL, note 12
+    if pose_kl is not None and pose_kl.shape != (N,):
+        raise ValueError(f"pose_kl must be (N,) = ({N},), one value per candidate, got {tuple(pose_kl.shape)}")
+    # k3 at the sampled poses, or the given (exact) KL, note 12
+    kl_per_c = torch.where(valid, kl_k3(pl, ref_pl) if pose_kl is None else pose_kl, zc)  # (N,)
+    kl_c = kl_per_c.sum() / V_div  # ()
+    if beta_c is None:
+        beta_kl_c = beta * kl_c  # () Eq. 6: one beta
+    else:  # note 18: each candidate's pose KL weighed by its own beta_c
+        if beta_c.shape != (N,) or not torch.isfinite(beta_c).all() or (beta_c < 0).any():
+            raise ValueError(f"beta_c must be (N,) = ({N},) finite weights >= 0, got {tuple(beta_c.shape)}")
+        beta_kl_c = (beta_c.to(kl_per_c.dtype) * kl_per_c).sum() / V_div  # ()
 
     if discrete_only:
         loss = -(J_d - beta * kl_d)
     else:
-        loss = -(J_d + J_c - beta * (kl_d + kl_c))
+        loss = -(J_d + J_c - beta * kl_d - beta_kl_c)
 
     with torch.no_grad():
         n_all = max(int(m.sum()), 1)

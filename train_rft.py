@@ -23,7 +23,7 @@ Launch:
     torchrun --standalone --nproc_per_node=8 train_rft.py --preset=llava-1.5-7b --sft_dir=out/7b-sft \
         --llava_path=/models/llava-1.5-7b-hf --pose_encoder_path=/models/hmr2.ckpt \
         --smpl_path=/models/SMPL_NEUTRAL.pkl --bge_path=/models/bge-m3 --lr=1e-6 --batch_size=2 \
-        --max_steps=1000 --dtype=bfloat16 --beta=0.04 --pose_kl=k3 --pose_samples=1   # the paper's GRPO settings
+        --max_steps=1000 --dtype=bfloat16 --beta=0.04 --beta_i2p=0.04 --pose_kl=k3 --pose_samples=1  # the paper's
 A run killed mid-way continues with `--resume=true` (same out_dir) from its last checkpoint, with the
 same step, optimiser, schedule, RNG and data position.
 """
@@ -78,6 +78,8 @@ class RFTConfig:
     # never acts (only the ratios' gradients matter; hygrpo.py notes 1, 15). Clipping needs >= 2.
     beta: float = 0.05                # KL to pi_ref; tiny, 3 seeds of the earlier SFT: posecode +2.8 at 0.05, +1.9 at 0.1
     # (README); from today's SFT, 3 seeds: +3.2 at 0.05, +1.5 at 0.1 (MPJPE +1.7 and +1.4 mm)
+    beta_i2p: float = 1.0             # the pose KL's weight on image-to-pose prompts (hygrpo.py note 18; not in
+    # the paper: --beta_i2p=--beta is its one beta); tiny, 3 seeds: MPJPE +0.3 mm against +1.7, posecode +3.2 both
     pose_kl: str = "exact"            # pose KL: closed form ("exact", note 12), or GRPO's "k3" at the sample
     temperature: float = 1.0          # sampling temperature of the text policy
     top_p: float = 1.0
@@ -142,6 +144,14 @@ def global_normalisers(N, V, world_size, device):
     return counts[0].item() / world_size, counts[1].item() / world_size
 
 
+def pose_kl_weights(tasks, cfg, device):
+    """(N,) the weight of each candidate's pose KL: --beta_i2p on image-to-pose prompts, --beta elsewhere
+    (hygrpo.py note 18). None when the two are equal: Eq. 6's one beta."""
+    if cfg.beta_i2p == cfg.beta:
+        return None
+    return torch.tensor([cfg.beta_i2p if t == "i2p" else cfg.beta for t in tasks], device=device)  # (N,)
+
+
 def hygrpo_step(policy, opt, params, batch, cfg, ctx, weights, body_model, tokenizer, generator, world_size):
     """Algorithm 1, lines 6-9, for one batch. Returns the metrics of the step (floats)."""
     timings = {}
@@ -161,6 +171,7 @@ def hygrpo_step(policy, opt, params, batch, cfg, ctx, weights, body_model, token
     F_hat = hygrpo.group_advantages(R_d, G=G)  # (N,) every candidate has a text answer
     in_V = pose_scored(rollout.valid, cands.task)  # (N,) poses of pose tasks (note 13)
     Delta_hat = hygrpo.group_advantages(R_c, valid=in_V, G=G)  # (N,) 0 outside V
+    beta_c = pose_kl_weights(cands.task, cfg, rollout.valid.device)  # (N,) beta, or beta_i2p (note 18)
     N_norm, V_norm = global_normalisers(len(in_V), int(in_V.sum()), world_size, rollout.valid.device)
     with torch.no_grad(), policy.reference():  # pi_ref = pi_init: frozen copies of every RFT-trained tensor
         ref = M.policy_logprobs(policy, rollout)  # (N, Tn) logprobs, (N,) pose_logprobs, (N, 144) Gaussians
@@ -181,7 +192,7 @@ def hygrpo_step(policy, opt, params, batch, cfg, ctx, weights, body_model, token
                                          clip_eps=cfg.clip_eps, beta=cfg.beta,
                                          discrete_only=cfg.algo == "grpo",
                                          pose_kl=exact_kl if cfg.pose_kl == "exact" else None,
-                                         N_norm=N_norm, V_norm=V_norm)
+                                         N_norm=N_norm, V_norm=V_norm, beta_c=beta_c)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         average_gradients(params, world_size)
@@ -335,6 +346,9 @@ def main(argv=None):
         raise SystemExit(f"--pose_kl must be k3 or exact, got {cfg.pose_kl!r}")
     weights = rewards.parse_weights(cfg.rewards)
     rank, world_size, device = setup_distributed(cfg.device)
+    if cfg.beta_i2p != cfg.beta and cfg.algo == "hygrpo":
+        print0(f"the pose KL weighs {cfg.beta_i2p} on image-to-pose prompts and {cfg.beta} elsewhere (--beta_i2p, "
+               f"not in the paper: hygrpo.py note 18); --beta_i2p={cfg.beta} gives Eq. 6's one beta")
     master = rank == 0
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)

@@ -319,6 +319,38 @@ def test_bandit_hygrpo_reaches_optimum_grpo_leaves_pose_alone():
     assert torch.equal(mu, torch.zeros(2)) and torch.equal(log_std, torch.zeros(2))
 
 
+def test_per_candidate_pose_kl_weights():
+    """beta_c (note 18, train_rft.py --beta_i2p) weighs each candidate's pose KL by hand-computed
+    numbers, leaves the text KL at beta and stats["kl_c"] unweighted; beta_c = beta everywhere is Eq. 6's
+    loss and gradients; a bad weight is refused. Catches beta_c ignored, applied to the text KL, or
+    reaching the invalid candidate (whose KL is NaN)."""
+    logp, old_logp, mask, _, pose_logp, old_pose_logp, _, valid = _batch()
+    ref_logp = torch.where(mask, logp.detach() - 0.3, torch.full((3, 4), -math.inf))  # a text KL too
+    ref_pose_logp = torch.tensor([-2.5, NAN, -4.6])
+    zero, beta = torch.zeros(3), 0.1
+
+    def run(beta_c, kl_values=(0.3, NAN, 1.1)):
+        pose_kl = torch.tensor(kl_values, requires_grad=True)
+        lp = logp.detach().clone().requires_grad_(True)
+        loss, stats = hygrpo_loss(lp, old_logp, ref_logp, mask, zero, pose_logp, old_pose_logp, ref_pose_logp,
+                                  zero, valid, beta=beta, pose_kl=pose_kl, beta_c=beta_c)
+        loss.backward()
+        return loss, stats, pose_kl.grad, lp.grad
+
+    loss0, stats0, g_kl0, g_tok0 = run(None)
+    loss1, stats1, g_kl1, g_tok1 = run(torch.tensor([2.0, 5.0, 0.5]))
+    text_part = loss0 - beta * (0.3 + 1.1) / 2  # beta * kl_d, the same in both
+    assert torch.allclose(loss1, text_part + (2.0 * 0.3 + 0.5 * 1.1) / 2)
+    assert torch.allclose(g_kl1, torch.tensor([2.0 / 2, 0.0, 0.5 / 2]))  # weight / V, none on the invalid one
+    assert torch.equal(g_tok1, g_tok0)  # the text KL keeps beta
+    assert stats1["kl_c"] == pytest.approx(0.7) and stats1["kl_d"] == pytest.approx(stats0["kl_d"])
+    loss2, _, g_kl2, g_tok2 = run(torch.full((3,), beta))
+    assert torch.allclose(loss2, loss0) and torch.allclose(g_kl2, g_kl0) and torch.equal(g_tok2, g_tok0)
+    for bad in (torch.ones(2), torch.tensor([1.0, -1.0, 1.0]), torch.tensor([1.0, NAN, 1.0])):
+        with pytest.raises(ValueError, match="beta_c must be"):
+            run(bad)
+
+
 def test_given_pose_kl_replaces_k3():
     """pose_kl= (the exact Gaussian KL of train_rft.py --pose_kl=exact) is averaged over the V valid
     candidates in place of k3, with gradient beta / V on each valid entry and none on the invalid one

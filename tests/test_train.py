@@ -3,6 +3,7 @@
 These run the real scripts on a very small tiny-preset model (a few training steps), so they test the
 plumbing (gradient averaging, checkpoint state, RNG and data position), not the learning."""
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -12,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import hygrpo
 import train_rft
 import train_sft
 
@@ -126,6 +128,15 @@ def test_pose_set_leaves_out_tasks_without_a_continuous_reward():
     assert train_rft.pose_scored(valid, ["t2p", "i2p", "vqa", "t2p"]).tolist() == [True, True, False, False]
 
 
+def test_pose_kl_weights_by_task():
+    """--beta_i2p weighs the image-to-pose candidates' pose KL, --beta the others' (hygrpo.py note 18);
+    equal weights give None, Eq. 6's one beta."""
+    cfg = train_rft.RFTConfig(beta=0.05, beta_i2p=1.0)
+    w = train_rft.pose_kl_weights(["t2p", "i2p", "vqa", "i2p"], cfg, "cpu")
+    assert w.tolist() == pytest.approx([0.05, 1.0, 0.05, 1.0])
+    assert train_rft.pose_kl_weights(["t2p", "i2p"], train_rft.RFTConfig(beta=0.2, beta_i2p=0.2), "cpu") is None
+
+
 @pytest.mark.slow
 def test_main_job_end_to_end(tmp_path):
     """`python train_rft.py` on a fresh folder, with reduced step counts: trains the SFT model (there is
@@ -193,16 +204,23 @@ def test_rft_exact_pose_kl(sft_dir, tmp_path):
         train_rft.main([f"--sft_dir={sft_dir}", f"--out_dir={out}", "--pose_kl=k2"])
 
 
-def test_nonfinite_step_stops_and_keeps_last_good_checkpoint(sft_dir, tmp_path):
-    """A NaN loss (--beta=nan in RFT, --joint_weight=nan in SFT) must stop the run with a clear error
-    before the step is applied, leaving the last good checkpoint as it was. Catches training on with NaN
-    weights and a save that overwrites the good checkpoint with them."""
+def test_nonfinite_step_stops_and_keeps_last_good_checkpoint(sft_dir, tmp_path, monkeypatch):
+    """A NaN loss (a HyGRPO loss made NaN in RFT, --joint_weight=nan in SFT) must stop the run with a clear
+    error before the step is applied, leaving the last good checkpoint as it was. Catches training on with
+    NaN weights and a save that overwrites the good checkpoint with them."""
     out = str(tmp_path / "rft")
     common = SMALL + [f"--sft_dir={sft_dir}", f"--out_dir={out}", "--max_steps=4", "--num_threads=1"]
     train_rft.main(common + ["--stop_after=2"])
     good = _trained_tensors(out)
+    loss_fn = hygrpo.hygrpo_loss  # (--beta=nan is refused up front by check_config)
+
+    def nan_loss(*args, **kwargs):
+        loss, stats = loss_fn(*args, **kwargs)
+        return loss * math.nan, stats
+    monkeypatch.setattr(hygrpo, "hygrpo_loss", nan_loss)
     with pytest.raises(SystemExit, match="not finite; stopped before applying it"):
-        train_rft.main(common + ["--resume=true", "--beta=nan"])
+        train_rft.main(common + ["--resume=true"])
+    monkeypatch.undo()
     kept = _trained_tensors(out)
     assert all(torch.equal(good[n], kept[n]) for n in good)
     assert json.load(open(os.path.join(out, "checkpoint", "config.json")))["extra"]["step"] == 2
@@ -234,7 +252,8 @@ def test_bad_settings_are_one_clear_error():
            (sft(log_every=0), "--log_every=0"), (rft(gallery_every=0), "--gallery_every=0"),
            (sft(preset="unknown"), "--preset='unknown'.*tiny, llava-1.5-7b"),
            (sft(poseworld_size="120"), "--poseworld_size='120' must be a int"),
-           (sft(pretrain_steps=-1), "--pretrain_steps=-1"), (sft(pretrain_batch=0), "--pretrain_batch=0")]
+           (sft(pretrain_steps=-1), "--pretrain_steps=-1"), (sft(pretrain_batch=0), "--pretrain_batch=0"),
+           (rft(beta=-0.1), "--beta=-0.1: a KL weight"), (rft(beta_i2p=float("inf")), "--beta_i2p=inf")]
     for cfg, message in bad:
         with pytest.raises(SystemExit, match=message):
             train_sft.check_config(cfg)
