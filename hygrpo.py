@@ -94,7 +94,7 @@ Where this code departs from the paper, or chooses where the paper leaves a choi
    tiny LLM, not LoRA alone (model.PoseLLaVA.trained_names). The 7B preset does neither.
 18. An option beyond the paper: `beta_c=` gives each candidate's pose KL its own weight in place of
    Eq. 6's one beta (the text KL keeps beta). train_rft.py --beta_i2p weighs the image-to-pose prompts'
-   pose KL so. In the tiny preset the joint reward's gradient estimate from a prompt's 64 poses is
+   pose KL so. In the tiny preset the joint reward's gradient estimate from a prompt's 64 or 256 poses is
    mostly noise, while the text-to-pose updates of the shared LLM and pose head move the image-to-pose
    answers; a heavier closed-form KL on those prompts pulls their Gaussians back to pi_ref's (README,
    "Holding image-to-pose"). With beta_c = beta everywhere this is Eq. 6.

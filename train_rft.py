@@ -69,7 +69,7 @@ class RFTConfig:
     reward_retriever: str = "reward"  # the semantic reward's retriever; "eval" breaks Table 6's check (exercise)
     G: int = 8                        # candidates per prompt
     pose_samples: int = 32            # M poses per answer (not in the paper, note 16): 256 poses a prompt, cheap;
-    # with beta_i2p 1.0, 3 seeds: posecode +4.0 against +3.2 at 8 (paired +0.7, s.e. 0.2), the same MPJPE (README)
+    # with beta_i2p 1.0, 3 seeds: +0.7 (s.e. 0.2) posecode points, +2.1 (0.3) recall over 8, the same MPJPE (README)
     batch_size: int = 16              # prompts per rank per step (Table 4: 16 in all); tiny: 8 was too few (README)
     task_mix: str = "t2p:6,i2p:2,vqa:1"  # PoseWorld RFT prompts; "" = SFT's thirds: too few t2p (README)
     max_steps: int = 300              # tiny: 300 x 16 prompts; at 150 x 8 no metric moved beyond noise (README)
@@ -78,7 +78,7 @@ class RFTConfig:
     # inner_epochs = 1: the policy that is scored IS the sampler, every ratio is exactly 1, and clip_eps
     # never acts (only the ratios' gradients matter; hygrpo.py notes 1, 15). Clipping needs >= 2.
     beta: float = 0.05                # KL to pi_ref; tiny, 3 seeds of the earlier SFT: posecode +2.8 at 0.05, +1.9 at 0.1
-    # (README); from today's SFT, 3 seeds: +3.2 at 0.05, +1.5 at 0.1 (MPJPE +1.7 and +1.4 mm)
+    # (README); from today's SFT with one beta, 8 poses, 3 seeds: +3.2 at 0.05, +1.5 at 0.1 (MPJPE +1.7, +1.4 mm)
     beta_i2p: float = 1.0             # the pose KL's weight on image-to-pose prompts (hygrpo.py note 18; not in
     # the paper: --beta_i2p=--beta is its one beta); tiny, 3 seeds: MPJPE +0.3 mm against +1.7, posecode +3.2 both
     pose_kl: str = "exact"            # pose KL: closed form ("exact", note 12), or GRPO's "k3" at the sample
@@ -87,7 +87,7 @@ class RFTConfig:
     max_new_tokens: int = 24
     # optimisation (Table 4, right column, for llava-1.5-7b: lr 1e-6, 1000 steps, cosine, AdamW)
     lr: float = 1e-4                  # tiny; held by the exact KL (with k3 at beta 0.04 it random-walked: README)
-    # 3 seeds: 1e-5 keeps image-to-pose (+0.5 mm against +1.7) for posecode +1.2 against +3.2 (README)
+    # one beta, 8 poses, 3 seeds: 1e-5 kept image-to-pose (+0.5 mm against +1.7) for posecode +1.2 against +3.2
     min_lr_ratio: float = 0.1
     warmup_steps: int = 10
     weight_decay: float = 0.0

@@ -117,9 +117,9 @@ def test_exercise_eval_retriever_as_reward_runs(sft_dir, tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_exercise_kl_estimator_runs(sft_dir, tmp_path):
-    """Exercise 6: GRPO's k3 pose KL at beta 0.04 instead of the default closed form; the loss's kl_c is
-    then k3, and the closed form is still logged beside it."""
-    rows = run_exercise(sft_dir, tmp_path, "--pose_kl=k3", "--beta=0.04")
+    """Exercise 6: GRPO's k3 pose KL at one beta 0.04 instead of the default closed form; the loss's kl_c
+    is then k3, and the closed form is still logged beside it."""
+    rows = run_exercise(sft_dir, tmp_path, "--pose_kl=k3", "--beta=0.04", "--beta_i2p=0.04")
     assert all(math.isfinite(r["kl_c"]) and math.isfinite(r["kl_c_exact"]) for r in rows)
 
 
