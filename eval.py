@@ -97,8 +97,8 @@ def spread(joints: torch.Tensor) -> torch.Tensor:
     against the mean of the pelvis-aligned poses. (B, J, 3) -> (B,), input units. For a model's answers
     to B images it says how much the answers depend on the image: 0 when it answers one pose for all."""
     _check_joints(joints, joints, "spread")
-    rel = joints - joints[:, :1]  # (B, J, 3)
-    return (rel - rel.mean(0, keepdim=True)).norm(dim=-1).mean(-1)  # (B,)
+    rel = joints - joints[:, :1]  # (B, J, 3) pelvis-aligned
+    return mpjpe(rel, rel.mean(0, keepdim=True).expand_as(rel), root=None)  # (B,)
 
 
 # ----------------------------------------------------------------------------------------------------
