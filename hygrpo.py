@@ -98,6 +98,17 @@ Where this code departs from the paper, or chooses where the paper leaves a choi
    mostly noise, while the text-to-pose updates of the shared LLM and pose head move the image-to-pose
    answers; a heavier closed-form KL on those prompts pulls their Gaussians back to pi_ref's (README,
    "Holding image-to-pose"). With beta_c = beta everywhere this is Eq. 6.
+19. An option beyond the paper: the deterministic policy gradient of the joint reward. Eq. 7's R_joint
+   is a differentiable function of the pose, so beside J_c's likelihood-ratio estimate the loss can
+   carry its gradient at the Gaussian's mean, (dR/dp)(mu) dmu/dtheta: the deterministic policy gradient
+   (Silver et al., ICML 2014) with the reward itself in place of a learned critic. Each candidate's term
+   is divided by its group's std like Delta_hat (group_advantages(..., hold_stats=True), the group's mean
+   and std of Eq. 16 held constant). train_rft.py --joint_pathwise=lambda adds lambda (1/V) sum_i of it over
+   the candidates the joint reward scores; 0 is the paper. Only the means receive it. It acts where the
+   answer is judged: the evaluation reads the mean. The reparameterised gradient at the SAMPLED poses,
+   mu + sigma e, would be the unbiased pathwise estimate of J_c's own gradient, but in the tiny preset it
+   raised the samples' reward by shrinking sigma and by moving the means to where the noise costs less,
+   and the means' error rose (README, "Holding image-to-pose").
 """
 from __future__ import annotations
 
@@ -116,7 +127,7 @@ MAX_LOG_RATIO = 20.0
 
 
 def group_advantages(rewards: torch.Tensor, valid: torch.Tensor | None = None, G: int | None = None,
-                     eps: float = 1e-6) -> torch.Tensor:
+                     eps: float = 1e-6, hold_stats: bool = False) -> torch.Tensor:
     """Eq. 16: normalise each reward within its group of G candidates, (r - mean) / (std + eps).
 
     Layout: `rewards` is either (P, G), one row per prompt, or flat (N,) with N = P * G, the G
@@ -124,6 +135,9 @@ def group_advantages(rewards: torch.Tensor, valid: torch.Tensor | None = None, G
     `rewards`. `valid` (same shape, bool; None = all valid) selects the members that enter the mean
     and the sample std; invalid members get 0 and may hold any value, NaN included. A group with
     fewer than two distinct valid rewards gives zeros (there is nothing to prefer).
+
+    hold_stats=True (note 19): the group's mean and std are taken as constants, so rewards that carry
+    a gradient give advantages whose gradient is d rewards / (std + eps); the values are the same.
     """
     if rewards.dim() == 1:
         if G is None:
@@ -153,14 +167,17 @@ def group_advantages(rewards: torch.Tensor, valid: torch.Tensor | None = None, G
     out_dtype = r.dtype
     r = r.double()  # (P, G)
     r0 = torch.where(v, r, torch.zeros_like(r))  # (P, G) invalid slots may hold NaN: zero them first
+    rs = r0.detach() if hold_stats else r0  # (P, G) what the mean and std are taken of
     n = v.sum(-1, keepdim=True)  # (P, 1) valid members per group
-    mean = r0.sum(-1, keepdim=True) / n.clamp(min=1)  # (P, 1)
-    dev = torch.where(v, r0 - mean, torch.zeros_like(r))  # (P, G)
+    mean = rs.sum(-1, keepdim=True) / n.clamp(min=1)  # (P, 1)
+    dev = torch.where(v, rs - mean, torch.zeros_like(r))  # (P, G)
     var = (dev * dev).sum(-1, keepdim=True) / (n - 1).clamp(min=1)  # (P, 1) sample variance
     std = var.sqrt()  # (P, 1)
+    if hold_stats:
+        dev = torch.where(v, r0 - mean, torch.zeros_like(r))  # (P, G) the same values, r0's gradient
     # "all valid rewards equal" tested exactly, so round-off in mean/std never becomes (1e-17 / eps)
-    hi = torch.where(v, r0, torch.full_like(r, -math.inf)).amax(-1, keepdim=True)  # (P, 1)
-    lo = torch.where(v, r0, torch.full_like(r, math.inf)).amin(-1, keepdim=True)  # (P, 1)
+    hi = torch.where(v, rs, torch.full_like(r, -math.inf)).amax(-1, keepdim=True)  # (P, 1)
+    lo = torch.where(v, rs, torch.full_like(r, math.inf)).amin(-1, keepdim=True)  # (P, 1)
     spread = hi > lo  # (P, 1) false for 0 or 1 valid members, or all equal
     adv = torch.where(v & spread, dev / (std + eps), torch.zeros_like(r))  # (P, G)
     return adv.to(out_dtype).reshape(rewards.shape)

@@ -2909,9 +2909,9 @@ def check_config(cfg):
                         f"candidates coincide and the sampling policy has no log-probabilities)")
     if hasattr(cfg, "clip_eps") and not cfg.clip_eps >= 0:
         problems.append(f"--clip_eps={cfg.clip_eps}: must be >= 0 (the ratio is clipped to [1 - eps, 1 + eps])")
-    for name in ("beta", "beta_i2p"):  # KL weights
+    for name in ("beta", "beta_i2p", "joint_pathwise"):  # weights of terms of the RFT loss
         if hasattr(cfg, name) and not 0 <= getattr(cfg, name) < math.inf:
-            problems.append(f"--{name}={getattr(cfg, name)}: a KL weight must be finite and >= 0")
+            problems.append(f"--{name}={getattr(cfg, name)}: a loss weight must be finite and >= 0")
     if hasattr(cfg, "top_p") and not 0 < cfg.top_p <= 1:
         problems.append(f"--top_p={cfg.top_p}: must be in (0, 1]")
     if problems:

@@ -23,7 +23,8 @@ Launch:
     torchrun --standalone --nproc_per_node=8 train_rft.py --preset=llava-1.5-7b --sft_dir=out/7b-sft \
         --llava_path=/models/llava-1.5-7b-hf --pose_encoder_path=/models/hmr2.ckpt \
         --smpl_path=/models/SMPL_NEUTRAL.pkl --bge_path=/models/bge-m3 --lr=1e-6 --batch_size=2 \
-        --max_steps=1000 --dtype=bfloat16 --beta=0.04 --beta_i2p=0.04 --pose_kl=k3 --pose_samples=1  # the paper's
+        --max_steps=1000 --dtype=bfloat16 --beta=0.04 --beta_i2p=0.04 --joint_pathwise=0 --pose_kl=k3 \
+        --pose_samples=1  # the paper's
 A run killed mid-way continues with `--resume=true` (same out_dir) from its last checkpoint, with the
 same step, optimiser, schedule, RNG and data position.
 """
@@ -81,6 +82,8 @@ class RFTConfig:
     # (README); from today's SFT with one beta, 8 poses, 3 seeds: +3.2 at 0.05, +1.5 at 0.1 (MPJPE +1.7, +1.4 mm)
     beta_i2p: float = 1.0             # the pose KL's weight on image-to-pose prompts (hygrpo.py note 18; not in
     # the paper: --beta_i2p=--beta is its one beta); tiny, 3 seeds: MPJPE +0.3 mm against +1.7, posecode +3.2 both
+    joint_pathwise: float = 3.0       # the joint reward's gradient at the mean (hygrpo.py note 19; not in the
+    # paper: 0 is the paper); 3 seeds: MPJPE -0.33 mm against +0.27 without, posecode +3.4 against +4.0 (README)
     pose_kl: str = "exact"            # pose KL: closed form ("exact", note 12), or GRPO's "k3" at the sample
     temperature: float = 1.0          # sampling temperature of the text policy
     top_p: float = 1.0
@@ -153,6 +156,24 @@ def pose_kl_weights(tasks, cfg, device):
     return torch.tensor([cfg.beta_i2p if t == "i2p" else cfg.beta for t in tasks], device=device)  # (N,)
 
 
+def joint_pathwise(pose, cands, R_c, in_V, G, w_joint, body_model, ctx, V_norm, pose_samples=1):
+    """hygrpo.py note 19: the deterministic policy gradient of the joint reward at each Gaussian's mean. Returns
+    (1/V) sum over V of Delta_hat_i with, on the candidates the joint reward scores, the gradient of
+    w_joint R_joint(mu_i(theta)) / std of its group (pose: the current Gaussians; the group's mean and std of
+    Eq. 16 held). Its value is the sum of the advantages (~0); only its gradient acts. An answer's
+    pose_samples consecutive rows share one mean, whose reward is computed once. () tensor"""
+    joint = rewards.REWARDS["joint"]
+    rows = in_V & cands.has_gt & torch.tensor([t in joint.tasks for t in cands.task], device=in_V.device)  # (N,)
+    if not rows.any():
+        return pose.mu.new_zeros(())
+    idx = rows.nonzero().flatten()  # (n,) whole answers: an answer's pose draws are all in V or all out
+    first = idx[::pose_samples]  # (n / M,) the first draw of each answer
+    r = rewards.joint_reward(smpl.pose_joints(pose.mu[first], body_model), cands.gt_joints[first], ctx.joint_floor)
+    r = r.repeat_interleave(pose_samples)  # (n,) each draw of an answer, at its mean
+    R = R_c.detach().index_add(0, idx, w_joint * (r - r.detach()))  # (N,) R_c's values, R_joint(mu)'s gradient
+    return hygrpo.group_advantages(R, valid=in_V, G=G, hold_stats=True)[in_V].sum() / V_norm  # ()
+
+
 def hygrpo_step(policy, opt, params, batch, cfg, ctx, weights, body_model, tokenizer, generator, world_size):
     """Algorithm 1, lines 6-9, for one batch. Returns the metrics of the step (floats)."""
     timings = {}
@@ -194,6 +215,11 @@ def hygrpo_step(policy, opt, params, batch, cfg, ctx, weights, body_model, token
                                          discrete_only=cfg.algo == "grpo",
                                          pose_kl=exact_kl if cfg.pose_kl == "exact" else None,
                                          N_norm=N_norm, V_norm=V_norm, beta_c=beta_c)
+        if cfg.joint_pathwise and cfg.algo == "hygrpo" and weights.get("joint", 0) > 0:  # note 19
+            J_path = joint_pathwise(cur.pose, cands, R_c, in_V, G, weights["joint"], body_model, ctx, V_norm,
+                                    rollout.pose_samples)
+            loss = loss - cfg.joint_pathwise * J_path
+            stats["J_path"] = J_path.item()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         average_gradients(params, world_size)
@@ -350,6 +376,9 @@ def main(argv=None):
     if cfg.beta_i2p != cfg.beta and cfg.algo == "hygrpo":
         print0(f"the pose KL weighs {cfg.beta_i2p} on image-to-pose prompts and {cfg.beta} elsewhere (--beta_i2p, "
                f"not in the paper: hygrpo.py note 18); --beta_i2p={cfg.beta} gives Eq. 6's one beta")
+    if cfg.joint_pathwise and cfg.algo == "hygrpo" and weights.get("joint", 0) > 0:
+        print0(f"the joint reward's gradient at the mean pose is added with weight {cfg.joint_pathwise} "
+               f"(--joint_pathwise, not in the paper: hygrpo.py note 19); --joint_pathwise=0 is Eq. 6 alone")
     master = rank == 0
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)

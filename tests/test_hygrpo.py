@@ -27,6 +27,23 @@ def test_group_advantages_hand_computed():
     assert torch.allclose(group_advantages(rewards.flatten(), G=4), expected.flatten(), atol=1e-6)
 
 
+def test_group_advantages_hold_stats_gradient_hand_computed():
+    """hold_stats=True (note 19): the same values, and the gradient d r / (std + eps) with the group's mean
+    and std held; without it the full derivative makes each group's advantages sum to 0 for any rewards,
+    so their sum has no gradient at all. Catches the stats not held, or held in the values too."""
+    r = torch.tensor([[1.0, 2.0, 4.0, 9.0], [3.0, 3.0, 3.0, 3.0]], requires_grad=True)
+    valid = torch.tensor([[True, True, True, False], [True, True, True, True]])
+    held = group_advantages(r, valid, hold_stats=True)
+    assert torch.equal(held.detach(), group_advantages(r.detach(), valid))
+    held.sum().backward()
+    std = math.sqrt(((1 - 7 / 3) ** 2 + (2 - 7 / 3) ** 2 + (4 - 7 / 3) ** 2) / 2)  # sample std of {1, 2, 4}
+    expected = torch.tensor([[1.0, 1.0, 1.0, 0.0], [0.0, 0.0, 0.0, 0.0]]) / (std + 1e-6)  # (2, 4)
+    assert torch.allclose(r.grad, expected, atol=1e-6)  # invalid member and spread-less group: 0
+    r0 = r.detach()[:1].clone().requires_grad_(True)  # (the spread-less group's sqrt(0) has no derivative)
+    group_advantages(r0, valid[:1]).sum().backward()
+    assert r0.grad.abs().max() < 1e-6
+
+
 def test_group_advantages_degenerate_groups_and_invalid_members():
     """Catches NaN from 0/0 (equal rewards, one valid member, none), round-off / eps noise in equal
     groups, and invalid members (holding NaN) leaking into the mean and std."""

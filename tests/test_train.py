@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -253,7 +254,8 @@ def test_bad_settings_are_one_clear_error():
            (sft(preset="unknown"), "--preset='unknown'.*tiny, llava-1.5-7b"),
            (sft(poseworld_size="120"), "--poseworld_size='120' must be a int"),
            (sft(pretrain_steps=-1), "--pretrain_steps=-1"), (sft(pretrain_batch=0), "--pretrain_batch=0"),
-           (rft(beta=-0.1), "--beta=-0.1: a KL weight"), (rft(beta_i2p=float("inf")), "--beta_i2p=inf")]
+           (rft(beta=-0.1), "--beta=-0.1: a loss weight"), (rft(beta_i2p=float("inf")), "--beta_i2p=inf"),
+           (rft(joint_pathwise=float("nan")), "--joint_pathwise=nan"), (rft(joint_pathwise=-1.0), "--joint_pathwise=-1")]
     for cfg, message in bad:
         with pytest.raises(SystemExit, match=message):
             train_sft.check_config(cfg)
@@ -449,3 +451,87 @@ def test_pose_encoder_pretraining_learns_and_changes_only_f_b():
     mean = pose_to_rot6d(world.poses).mean(0, keepdim=True)  # (1, 144)
     average = (smpl.pose_joints(mean, body) - J_gt).norm(dim=-1).mean().item()
     assert error < 0.8 * average, (error, average)
+
+
+def _pathwise_setup(G, seed=0):
+    """Candidates for train_rft.joint_pathwise: an image-to-pose group (its first candidate without a pose)
+    and a text-to-pose group, their Gaussians' means random rot6d poses, their rewards those of samples."""
+    import model as M
+    import rewards
+    import smpl
+    g = torch.Generator().manual_seed(seed)
+    tasks = ["i2p"] * G + ["t2p"] * G
+    N = len(tasks)
+    mu = M.pose_to_rot6d(0.3 * torch.randn(N, 24, 3, generator=g))  # (N, 144)
+    sampled = mu + 0.05 * torch.randn(N, 144, generator=g)  # (N, 144) the poses the rewards scored
+    gt = smpl.pose_joints(0.3 * torch.randn(1, 24, 3, generator=g)).expand(N, 24, 3)  # (N, 24, 3)
+    valid = torch.ones(N, dtype=torch.bool)
+    valid[0] = False
+    has_gt = torch.ones(N, dtype=torch.bool)  # text-to-pose poses have a ground truth too, unscored by R_joint
+    i2p = torch.tensor([t == "i2p" for t in tasks])
+    R_c = torch.where(i2p, rewards.joint_reward(smpl.pose_joints(sampled), gt), torch.rand(N, generator=g))
+    return mu, SimpleNamespace(task=tasks, has_gt=has_gt, gt_joints=gt), R_c, valid
+
+
+def test_joint_pathwise_finite_differences():
+    """hygrpo.py note 19: the value is the advantages' sum (0 in each group), and the gradient on the means
+    is the finite-difference derivative of (1/V) sum_i R_joint(mu_i) / (std + eps) over the image-to-pose
+    candidates with a pose, std the sampler's group std held; the text-to-pose group, the candidate
+    without a pose, and the log-stds get none. Catches the group's stats not held, the reward taken
+    elsewhere than at the mean, or the wrong candidates scored."""
+    import rewards
+    import smpl
+    G = 6
+    mu0, cands, R_c, valid = _pathwise_setup(G)
+    mu = mu0.clone().requires_grad_(True)
+    log_std = torch.full_like(mu0, -3.0).requires_grad_(True)
+    V = float(valid.sum())
+    J = train_rft.joint_pathwise(SimpleNamespace(mu=mu, log_std=log_std), cands, R_c, valid, G, 2.0, None,
+                                 rewards.RewardContext(), V)
+    assert abs(J.item()) < 1e-5
+    J.backward()
+    assert mu.grad[G:].abs().max() == 0 and mu.grad[0].abs().max() == 0
+    assert log_std.grad is None  # the means only: sigma is left to the likelihood ratio and the KL
+    std = R_c[1:G].double().std()  # the sampler's group std (Bessel), held
+
+    def f(m):  # the surrogate's part that varies, written out: w_joint R_joint(mu_i) / (std + eps) / V
+        r = rewards.joint_reward(smpl.pose_joints(m[1:G]), cands.gt_joints[1:G]).double()
+        return (2.0 * r / (std + 1e-6)).sum().item() / V
+
+    h = 1e-2
+    for i, k in [(1, 0), (2, 17), (4, 70), (5, 143)]:
+        plus, minus = mu0.clone(), mu0.clone()
+        plus[i, k] += h
+        minus[i, k] -= h
+        fd = (f(plus) - f(minus)) / (2 * h)
+        assert mu.grad[i, k].item() == pytest.approx(fd, rel=0.05, abs=1e-3), (i, k)
+    # two pose draws per answer (pose_samples=2): rows 2i, 2i + 1 share answer i's mean and ground truth; the
+    # reward is computed at the first row and counts twice, so the answer's gradient is the same as above
+    mu2 = mu0.repeat_interleave(2, 0).clone().requires_grad_(True)
+    cands2 = SimpleNamespace(task=[t for t in cands.task for _ in range(2)], has_gt=cands.has_gt.repeat_interleave(2),
+                             gt_joints=cands.gt_joints.repeat_interleave(2, 0))
+    J2 = train_rft.joint_pathwise(SimpleNamespace(mu=mu2, log_std=log_std), cands2, R_c.repeat_interleave(2),
+                                  valid.repeat_interleave(2), 2 * G, 2.0, None, rewards.RewardContext(), 2 * V,
+                                  pose_samples=2)
+    J2.backward()
+    g2 = mu2.grad.view(2 * G, 2, 144).sum(1) * (R_c[1:G].repeat_interleave(2).double().std() / std)  # the groups' std
+    assert torch.allclose(g2.float(), mu.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_joint_pathwise_step_lowers_the_means_error():
+    """A small step along the gradient moves every scored mean's joints toward the ground truth: catches
+    a sign error (the loss subtracts lambda J_path, so J_path must grow as the error falls)."""
+    import rewards
+    import smpl
+    G = 6
+    mu0, cands, R_c, valid = _pathwise_setup(G, seed=1)
+    mu = mu0.clone().requires_grad_(True)
+    J = train_rft.joint_pathwise(SimpleNamespace(mu=mu, log_std=torch.zeros_like(mu0)), cands, R_c, valid, G,
+                                 1.0, None, rewards.RewardContext(), float(valid.sum()))
+    J.backward()
+    stepped = mu0 + 1e-3 * mu.grad / mu.grad.abs().max()  # (N, 144) gradient ascent on J_path
+
+    def error(m):  # (G - 1,) root-aligned mean joint error of the scored means, metres
+        return 1 / rewards.joint_reward(smpl.pose_joints(m[1:G]), cands.gt_joints[1:G])
+
+    assert (error(stepped) < error(mu0)).all()
