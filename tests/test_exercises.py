@@ -142,3 +142,13 @@ def test_exercise_beta_nll_sft_runs(tmp_path):
     saved = json.load(open(sft / "checkpoint" / "config.json"))["extra"]["config"]
     assert saved["nll_beta"] == 1.0 and saved["max_steps"] == 4
     assert len(rows) == 2
+
+
+@pytest.mark.slow
+def test_exercise_likelihood_ratio_alone_runs(sft_dir, tmp_path):
+    """Exercise 10: the default adds the joint reward's gradient at the mean (J_path logged on the steps
+    with image-to-pose prompts); --joint_pathwise=0 leaves it out, the paper's Eq. 6 alone."""
+    default = run_exercise(sft_dir, tmp_path / "default", "--task_mix=i2p:1")
+    assert all("J_path" in r and math.isfinite(r["J_path"]) for r in default)
+    alone = run_exercise(sft_dir, tmp_path / "alone", "--task_mix=i2p:1", "--joint_pathwise=0")
+    assert not any("J_path" in r for r in alone)
