@@ -12,8 +12,8 @@ frozen base (model.PoseLLaVA.reference; the paper writes both as pi_ref; see hyg
 
 The main job, `python train_rft.py` with no arguments on a fresh clone: trains the tiny SFT model if
 there is none yet (train_sft.py), evaluates it, runs RFT on PoseWorld, evaluates again and prints the
-before/after table (also written to out/tiny-rft/results.md). It took 10.3 minutes on a 2-core CPU, alone
-(the earlier defaults: 9.6 minutes on a fast hour of the machine, 10.6-11.3 on a slow one; README).
+before/after table (also written to out/tiny-rft/results.md). It took 9.7 minutes on a 2-core CPU, alone
+(the machine's speed varies by a fifth from hour to hour; README).
 
 Launch:
     python train_rft.py                                    # the main job (tiny preset, CPU)
