@@ -108,7 +108,7 @@ Where this code departs from the paper, or chooses where the paper leaves a choi
    answer is judged: the evaluation reads the mean. The reparameterised gradient at the SAMPLED poses,
    mu + sigma e, would be the unbiased pathwise estimate of J_c's own gradient, but in the tiny preset it
    raised the samples' reward by shrinking sigma and by moving the means to where the noise costs less,
-   and the means' error rose (README, "Holding image-to-pose").
+   and the means' error rose (README, "Improving image-to-pose").
 """
 from __future__ import annotations
 
