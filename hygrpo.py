@@ -104,11 +104,14 @@ Where this code departs from the paper, or chooses where the paper leaves a choi
    (Silver et al., ICML 2014) with the reward itself in place of a learned critic. Each candidate's term
    is divided by its group's std like Delta_hat (group_advantages(..., hold_stats=True), the group's mean
    and std of Eq. 16 held constant). train_rft.py --joint_pathwise=lambda adds lambda (1/V) sum_i of it over
-   the candidates the joint reward scores; 0 is the paper. Only the means receive it. It acts where the
-   answer is judged: the evaluation reads the mean. The reparameterised gradient at the SAMPLED poses,
-   mu + sigma e, would be the unbiased pathwise estimate of J_c's own gradient, but in the tiny preset it
-   raised the samples' reward by shrinking sigma and by moving the means to where the noise costs less,
-   and the means' error rose (README, "Improving image-to-pose").
+   the candidates the joint reward scores; 0 is the paper. It enters through the means (the shared
+   layers beneath them also move the log-stds). It acts where the answer is judged: the evaluation
+   reads the mean. The std it divides by is that of the SAMPLED poses' rewards, so the term weighs
+   more as sigma shrinks, and depends on M (note 16). The reparameterised gradient at the sampled poses,
+   mu + sigma e, would be the unbiased pathwise estimate of the expected reward's gradient (the one J_c's
+   likelihood ratio estimates), but in the tiny preset it raised the samples' reward by shrinking sigma
+   and by moving the means to where the noise costs less, and the means' error rose (README,
+   "Improving image-to-pose").
 """
 from __future__ import annotations
 
@@ -137,7 +140,8 @@ def group_advantages(rewards: torch.Tensor, valid: torch.Tensor | None = None, G
     fewer than two distinct valid rewards gives zeros (there is nothing to prefer).
 
     hold_stats=True (note 19): the group's mean and std are taken as constants, so rewards that carry
-    a gradient give advantages whose gradient is d rewards / (std + eps); the values are the same.
+    a gradient give advantages whose gradient is d rewards / (std + eps) for the valid members of groups
+    whose rewards differ (0 elsewhere); the values are the same.
     """
     if rewards.dim() == 1:
         if G is None:

@@ -12,8 +12,8 @@ frozen base (model.PoseLLaVA.reference; the paper writes both as pi_ref; see hyg
 
 The main job, `python train_rft.py` with no arguments on a fresh clone: trains the tiny SFT model if
 there is none yet (train_sft.py), evaluates it, runs RFT on PoseWorld, evaluates again and prints the
-before/after table (also written to out/tiny-rft/results.md). It took 9.7 minutes on a 2-core CPU, alone
-(the machine's speed varies by a fifth from hour to hour; README).
+before/after table (also written to out/tiny-rft/results.md). It took 9.7 minutes on a 2-core CPU, alone,
+and 11.2 minutes half an hour later (the machine's speed varies from hour to hour; README).
 
 Launch:
     python train_rft.py                                    # the main job (tiny preset, CPU)
@@ -83,7 +83,8 @@ class RFTConfig:
     beta_i2p: float = 1.0             # the pose KL's weight on image-to-pose prompts (hygrpo.py note 18; not in
     # the paper: --beta_i2p=--beta is its one beta); tiny, 3 seeds: MPJPE +0.3 mm against +1.7, posecode +3.2 both
     joint_pathwise: float = 3.0       # the joint reward's gradient at the mean (hygrpo.py note 19; not in the
-    # paper: 0 is the paper); 3 seeds: MPJPE -0.33 mm against +0.27 without, posecode +3.4 against +4.0 (README)
+    # paper: 0 is the paper); 3 seeds, 800-step retrievers: MPJPE -0.33 mm against +0.27 without, posecode +3.4
+    # against +4.0; with today's 600-step ones -0.29 mm and +3.1 (README)
     pose_kl: str = "exact"            # pose KL: closed form ("exact", note 12), or GRPO's "k3" at the sample
     temperature: float = 1.0          # sampling temperature of the text policy
     top_p: float = 1.0
@@ -158,20 +159,24 @@ def pose_kl_weights(tasks, cfg, device):
 
 def joint_pathwise(pose, cands, R_c, in_V, G, w_joint, body_model, ctx, V_norm, pose_samples=1):
     """hygrpo.py note 19: the deterministic policy gradient of the joint reward at each Gaussian's mean. Returns
-    (1/V) sum over V of Delta_hat_i with, on the candidates the joint reward scores, the gradient of
-    w_joint R_joint(mu_i(theta)) / std of its group (pose: the current Gaussians; the group's mean and std of
-    Eq. 16 held). Its value is the sum of the advantages (~0); only its gradient acts. An answer's
-    pose_samples consecutive rows share one mean, whose reward is computed once. () tensor"""
+    (J_path, R_joint at the means): J_path is (1/V) sum over V of Delta_hat_i with, on the candidates the joint
+    reward scores, the gradient of w_joint R_joint(mu_i(theta)) / std of its group (pose: the current
+    Gaussians; the group's mean and std of Eq. 16 held). Its value is the sum of the advantages (~0); only
+    its gradient acts. The second is the mean of R_joint(mu) over those answers (NaN without any), for the
+    log. An answer's pose_samples consecutive rows share one mean, whose reward is computed once."""
     joint = rewards.REWARDS["joint"]
     rows = in_V & cands.has_gt & torch.tensor([t in joint.tasks for t in cands.task], device=in_V.device)  # (N,)
     if not rows.any():
-        return pose.mu.new_zeros(())
+        return pose.mu.new_zeros(()), float("nan")
     idx = rows.nonzero().flatten()  # (n,) whole answers: an answer's pose draws are all in V or all out
     first = idx[::pose_samples]  # (n / M,) the first draw of each answer
-    r = rewards.joint_reward(smpl.pose_joints(pose.mu[first], body_model), cands.gt_joints[first], ctx.joint_floor)
-    r = r.repeat_interleave(pose_samples)  # (n,) each draw of an answer, at its mean
-    R = R_c.detach().index_add(0, idx, w_joint * (r - r.detach()))  # (N,) R_c's values, R_joint(mu)'s gradient
-    return hygrpo.group_advantages(R, valid=in_V, G=G, hold_stats=True)[in_V].sum() / V_norm  # ()
+    with torch.autocast(pose.mu.device.type, enabled=False):  # SMPL's chain of rotations in float32
+        J = smpl.pose_joints(pose.mu[first].float(), body_model)  # (n / M, 24, 3)
+    r = rewards.joint_reward(J, cands.gt_joints[first], ctx.joint_floor)  # (n / M,)
+    r_rows = r.repeat_interleave(pose_samples)  # (n,) each draw of an answer, at its mean
+    R = R_c.detach().index_add(0, idx, w_joint * (r_rows - r_rows.detach()))  # (N,) R_c's values, R_joint(mu)'s gradient
+    J_path = hygrpo.group_advantages(R, valid=in_V, G=G, hold_stats=True)[in_V].sum() / V_norm  # ()
+    return J_path, r.mean().item()
 
 
 def hygrpo_step(policy, opt, params, batch, cfg, ctx, weights, body_model, tokenizer, generator, world_size):
@@ -216,10 +221,9 @@ def hygrpo_step(policy, opt, params, batch, cfg, ctx, weights, body_model, token
                                          pose_kl=exact_kl if cfg.pose_kl == "exact" else None,
                                          N_norm=N_norm, V_norm=V_norm, beta_c=beta_c)
         if cfg.joint_pathwise and cfg.algo == "hygrpo" and weights.get("joint", 0) > 0:  # note 19
-            J_path = joint_pathwise(cur.pose, cands, R_c, in_V, G, weights["joint"], body_model, ctx, V_norm,
-                                    rollout.pose_samples)
+            J_path, stats["joint_at_mean"] = joint_pathwise(cur.pose, cands, R_c, in_V, G, weights["joint"],
+                                                            body_model, ctx, V_norm, rollout.pose_samples)
             loss = loss - cfg.joint_pathwise * J_path
-            stats["J_path"] = J_path.item()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         average_gradients(params, world_size)

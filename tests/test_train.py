@@ -454,17 +454,19 @@ def test_pose_encoder_pretraining_learns_and_changes_only_f_b():
 
 
 def _pathwise_setup(G, seed=0):
-    """Candidates for train_rft.joint_pathwise: an image-to-pose group (its first candidate without a pose)
-    and a text-to-pose group, their Gaussians' means random rot6d poses, their rewards those of samples."""
+    """Candidates for train_rft.joint_pathwise: two image-to-pose groups of G (the first group's first
+    candidate without a pose; other ground truths, so other reward spreads) and a text-to-pose group, their
+    Gaussians' means random rot6d poses, their rewards those of samples."""
     import model as M
     import rewards
     import smpl
     g = torch.Generator().manual_seed(seed)
-    tasks = ["i2p"] * G + ["t2p"] * G
+    tasks = ["i2p"] * (2 * G) + ["t2p"] * G
     N = len(tasks)
     mu = M.pose_to_rot6d(0.3 * torch.randn(N, 24, 3, generator=g))  # (N, 144)
-    sampled = mu + 0.05 * torch.randn(N, 144, generator=g)  # (N, 144) the poses the rewards scored
-    gt = smpl.pose_joints(0.3 * torch.randn(1, 24, 3, generator=g)).expand(N, 24, 3)  # (N, 24, 3)
+    noise = torch.tensor([0.05] * G + [0.15] * G + [0.05] * G)[:, None]  # (N, 1) the groups' spreads differ
+    sampled = mu + noise * torch.randn(N, 144, generator=g)  # (N, 144) the poses the rewards scored
+    gt = smpl.pose_joints(0.3 * torch.randn(3, 24, 3, generator=g)).repeat_interleave(G, 0)  # (N, 24, 3)
     valid = torch.ones(N, dtype=torch.bool)
     valid[0] = False
     has_gt = torch.ones(N, dtype=torch.bool)  # text-to-pose poses have a ground truth too, unscored by R_joint
@@ -475,10 +477,11 @@ def _pathwise_setup(G, seed=0):
 
 def test_joint_pathwise_finite_differences():
     """hygrpo.py note 19: the value is the advantages' sum (0 in each group), and the gradient on the means
-    is the finite-difference derivative of (1/V) sum_i R_joint(mu_i) / (std + eps) over the image-to-pose
-    candidates with a pose, std the sampler's group std held; the text-to-pose group, the candidate
-    without a pose, and the log-stds get none. Catches the group's stats not held, the reward taken
-    elsewhere than at the mean, or the wrong candidates scored."""
+    is the finite-difference derivative of (1/V) sum_i R_joint(mu_i) / (std_g + eps) over the image-to-pose
+    candidates with a pose, std_g the sampler's std of their group, held; the text-to-pose group, the
+    candidate without a pose, and the log-stds get none. With two pose draws per answer the reward is taken
+    once, at the answer's first row, with the same gradient. Catches the groups' stats not held or mixed,
+    the reward taken elsewhere than at the mean, the wrong candidates scored, or the draws misaligned."""
     import rewards
     import smpl
     G = 6
@@ -486,36 +489,46 @@ def test_joint_pathwise_finite_differences():
     mu = mu0.clone().requires_grad_(True)
     log_std = torch.full_like(mu0, -3.0).requires_grad_(True)
     V = float(valid.sum())
-    J = train_rft.joint_pathwise(SimpleNamespace(mu=mu, log_std=log_std), cands, R_c, valid, G, 2.0, None,
-                                 rewards.RewardContext(), V)
+    J, r_mean = train_rft.joint_pathwise(SimpleNamespace(mu=mu, log_std=log_std), cands, R_c, valid, G, 2.0, None,
+                                         rewards.RewardContext(), V)
     assert abs(J.item()) < 1e-5
+    scored = torch.arange(1, 2 * G)  # the image-to-pose candidates with a pose
+    R_mu = rewards.joint_reward(smpl.pose_joints(mu0[scored]), cands.gt_joints[scored])
+    assert r_mean == pytest.approx(R_mu.mean().item(), rel=1e-5)
     J.backward()
-    assert mu.grad[G:].abs().max() == 0 and mu.grad[0].abs().max() == 0
+    assert mu.grad[2 * G:].abs().max() == 0 and mu.grad[0].abs().max() == 0
     assert log_std.grad is None  # the means only: sigma is left to the likelihood ratio and the KL
-    std = R_c[1:G].double().std()  # the sampler's group std (Bessel), held
+    std = torch.stack([R_c[1:G].double().std(), R_c[G:2 * G].double().std()])  # the sampler's group stds, held
+    assert abs(std[0] - std[1]) > 0.1 * std.min()  # two different weights, so mixing the groups shows
 
-    def f(m):  # the surrogate's part that varies, written out: w_joint R_joint(mu_i) / (std + eps) / V
-        r = rewards.joint_reward(smpl.pose_joints(m[1:G]), cands.gt_joints[1:G]).double()
-        return (2.0 * r / (std + 1e-6)).sum().item() / V
+    def f(m):  # the surrogate's part that varies, written out: w_joint R_joint(mu_i) / (std_g + eps) / V
+        r = rewards.joint_reward(smpl.pose_joints(m[scored]), cands.gt_joints[scored]).double()
+        return (2.0 * r / (std[scored // G] + 1e-6)).sum().item() / V
 
     h = 1e-2
-    for i, k in [(1, 0), (2, 17), (4, 70), (5, 143)]:
+    for i, k in [(1, 0), (2, 17), (4, 25), (7, 99), (10, 40)]:  # joints 0, 2, 4, 16, 6: each has children
         plus, minus = mu0.clone(), mu0.clone()
         plus[i, k] += h
         minus[i, k] -= h
         fd = (f(plus) - f(minus)) / (2 * h)
+        assert abs(fd) > 1e-3, (i, k)  # a coordinate that moves the reward: the check is not empty
         assert mu.grad[i, k].item() == pytest.approx(fd, rel=0.05, abs=1e-3), (i, k)
-    # two pose draws per answer (pose_samples=2): rows 2i, 2i + 1 share answer i's mean and ground truth; the
-    # reward is computed at the first row and counts twice, so the answer's gradient is the same as above
+    # two pose draws per answer (pose_samples=2): rows 2i, 2i + 1 share answer i's mean and ground truth;
+    # the reward is computed at the first row and counts for both, so the first row takes the answer's
+    # whole gradient (the second none) and, the groups' stds changed by the duplicates aside, equals it
     mu2 = mu0.repeat_interleave(2, 0).clone().requires_grad_(True)
     cands2 = SimpleNamespace(task=[t for t in cands.task for _ in range(2)], has_gt=cands.has_gt.repeat_interleave(2),
                              gt_joints=cands.gt_joints.repeat_interleave(2, 0))
-    J2 = train_rft.joint_pathwise(SimpleNamespace(mu=mu2, log_std=log_std), cands2, R_c.repeat_interleave(2),
-                                  valid.repeat_interleave(2), 2 * G, 2.0, None, rewards.RewardContext(), 2 * V,
-                                  pose_samples=2)
+    R_c2 = R_c.repeat_interleave(2)
+    J2, _ = train_rft.joint_pathwise(SimpleNamespace(mu=mu2, log_std=log_std), cands2, R_c2,
+                                     valid.repeat_interleave(2), 2 * G, 2.0, None, rewards.RewardContext(), 2 * V,
+                                     pose_samples=2)
     J2.backward()
-    g2 = mu2.grad.view(2 * G, 2, 144).sum(1) * (R_c[1:G].repeat_interleave(2).double().std() / std)  # the groups' std
-    assert torch.allclose(g2.float(), mu.grad, rtol=1e-4, atol=1e-6)
+    assert mu2.grad[1::2].abs().max() == 0
+    std2 = torch.stack([R_c2[2:2 * G].double().std(), R_c2[2 * G:4 * G].double().std()])
+    rescale = (std2 / std).repeat_interleave(G)[:, None]  # (2G, 1) per group
+    g2 = mu2.grad[0::2][:2 * G] * rescale  # (2G, 144) the image-to-pose answers
+    assert torch.allclose(g2.float(), mu.grad[:2 * G], rtol=1e-4, atol=1e-6)
 
 
 def test_joint_pathwise_step_lowers_the_means_error():
@@ -526,12 +539,12 @@ def test_joint_pathwise_step_lowers_the_means_error():
     G = 6
     mu0, cands, R_c, valid = _pathwise_setup(G, seed=1)
     mu = mu0.clone().requires_grad_(True)
-    J = train_rft.joint_pathwise(SimpleNamespace(mu=mu, log_std=torch.zeros_like(mu0)), cands, R_c, valid, G,
-                                 1.0, None, rewards.RewardContext(), float(valid.sum()))
+    J, _ = train_rft.joint_pathwise(SimpleNamespace(mu=mu, log_std=torch.zeros_like(mu0)), cands, R_c, valid, G,
+                                    1.0, None, rewards.RewardContext(), float(valid.sum()))
     J.backward()
     stepped = mu0 + 1e-3 * mu.grad / mu.grad.abs().max()  # (N, 144) gradient ascent on J_path
 
-    def error(m):  # (G - 1,) root-aligned mean joint error of the scored means, metres
-        return 1 / rewards.joint_reward(smpl.pose_joints(m[1:G]), cands.gt_joints[1:G])
+    def error(m):  # (2G - 1,) root-aligned mean joint error of the scored means, metres
+        return 1 / rewards.joint_reward(smpl.pose_joints(m[1:2 * G]), cands.gt_joints[1:2 * G])
 
     assert (error(stepped) < error(mu0)).all()
