@@ -532,8 +532,9 @@ def test_joint_pathwise_finite_differences():
 
 
 def test_joint_pathwise_step_lowers_the_means_error():
-    """A small step along the gradient moves every scored mean's joints toward the ground truth: catches
-    a sign error (the loss subtracts lambda J_path, so J_path must grow as the error falls)."""
+    """A small step along J_path's gradient moves every scored mean's joints toward the ground truth: catches
+    a sign error in joint_pathwise (hygrpo_step subtracts lambda J_path from the loss, so J_path must grow as
+    the error falls; that one line itself is not run here)."""
     import rewards
     import smpl
     G = 6
