@@ -157,9 +157,15 @@ def pose_kl_weights(tasks, cfg, device):
     return torch.tensor([cfg.beta_i2p if t == "i2p" else cfg.beta for t in tasks], device=device)  # (N,)
 
 
+def pathwise_on(cfg, weights):
+    """Whether the loss carries the joint reward's gradient at the mean (hygrpo.py note 19): HyGRPO only,
+    with a joint reward in the run."""
+    return bool(cfg.joint_pathwise) and cfg.algo == "hygrpo" and weights.get("joint", 0) > 0
+
+
 def joint_pathwise(pose, cands, R_c, in_V, G, w_joint, body_model, ctx, V_norm, pose_samples=1):
-    """hygrpo.py note 19: the deterministic policy gradient of the joint reward at each Gaussian's mean. Returns
-    (J_path, R_joint at the means): J_path is (1/V) sum over V of Delta_hat_i with, on the candidates the joint
+    """hygrpo.py note 19: the deterministic policy gradient of the joint reward (Eq. 7) at each Gaussian's
+    mean. Returns (J_path, R_joint at the means): J_path is (1/V) sum over V of Delta_hat_i with, on the candidates the joint
     reward scores, the gradient of w_joint R_joint(mu_i(theta)) / std of its group (pose: the current
     Gaussians; the group's mean and std of Eq. 16 held). Its value is the sum of the advantages (~0); only
     its gradient acts. The second is the mean of R_joint(mu) over those answers (NaN without any), for the
@@ -220,7 +226,7 @@ def hygrpo_step(policy, opt, params, batch, cfg, ctx, weights, body_model, token
                                          discrete_only=cfg.algo == "grpo",
                                          pose_kl=exact_kl if cfg.pose_kl == "exact" else None,
                                          N_norm=N_norm, V_norm=V_norm, beta_c=beta_c)
-        if cfg.joint_pathwise and cfg.algo == "hygrpo" and weights.get("joint", 0) > 0:  # note 19
+        if pathwise_on(cfg, weights):  # note 19
             J_path, stats["joint_at_mean"] = joint_pathwise(cur.pose, cands, R_c, in_V, G, weights["joint"],
                                                             body_model, ctx, V_norm, rollout.pose_samples)
             loss = loss - cfg.joint_pathwise * J_path
@@ -380,7 +386,7 @@ def main(argv=None):
     if cfg.beta_i2p != cfg.beta and cfg.algo == "hygrpo":
         print0(f"the pose KL weighs {cfg.beta_i2p} on image-to-pose prompts and {cfg.beta} elsewhere (--beta_i2p, "
                f"not in the paper: hygrpo.py note 18); --beta_i2p={cfg.beta} gives Eq. 6's one beta")
-    if cfg.joint_pathwise and cfg.algo == "hygrpo" and weights.get("joint", 0) > 0:
+    if pathwise_on(cfg, weights):
         print0(f"the joint reward's gradient at the mean pose is added with weight {cfg.joint_pathwise} "
                f"(--joint_pathwise, not in the paper: hygrpo.py note 19); --joint_pathwise=0 is Eq. 6 alone")
     master = rank == 0

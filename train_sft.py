@@ -98,7 +98,7 @@ class SFTConfig:
     vocab_size: int = 1024           # tiny BPE (955 tokens in fact): ~72 tokens a sample, not ~130 at 768
     retriever_pairs: int = 40000     # t2p-only PoseWorld captions, two disjoint halves; 8000 ranked worse (README)
     retriever_steps: int = 600       # 40k pairs, 600 x 256: better checker agreement than 8k, 400 x 128; 800 ranked
-    # a little better (seed 0: 0.311 / 0.277 against 0.297 / 0.260) but cost 38 s of the main job's 10 minutes (README)
+    # a little better (seed 0: 0.311 / 0.277 against 0.297 / 0.260) but cost 35 s of the main job's 10 minutes (README)
     retriever_batch: int = 256
     retriever_lr: float = 1e-3
     # PoseWorld: each pair's twin (a nearby pose that breaks one of its caption's codes) as a hard negative.
