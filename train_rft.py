@@ -410,7 +410,8 @@ def main(argv=None):
     params = [p for p in policy.parameters() if p.requires_grad]
     print0(f"policy: {sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M parameters, "
            f"{sum(p.numel() for p in params) / 1e6:.3f}M trained in RFT")
-    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay,
+                            fused=True)  # as in train_sft.py
     generator = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + rank)  # own samples per rank
     step = 0
     if cfg.resume:

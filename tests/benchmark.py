@@ -238,6 +238,73 @@ def bench_tokenize(n=10000):
     print(f"  {'word by word':16s} {times[True]:7.2f} s   {times[False] / times[True]:.1f}x faster")
 
 
+@bench("adamw")
+def bench_adamw(steps=50):
+    """One AdamW step over the tiny policy's trained tensors (train_sft.py's two groups, 151 tensors, 2.0M
+    numbers): the per-tensor loop (torch's CPU default), foreach, and fused (what the training scripts
+    use). Gradients are fixed random tensors; prints ms a step and how far each ends from the loop."""
+    import torch
+
+    import data
+    import train_sft
+    cfg = train_sft.SFTConfig()
+    tok = train_sft.train_tokenizer(cfg, data.PoseWorld("train", size=cfg.poseworld_size, seed=0))
+    ends, times = {}, {}
+    for kind in ("loop", "foreach", "fused"):
+        torch.manual_seed(0)
+        params = [p for p in train_sft.build_policy(cfg, tok, "cpu").parameters() if p.requires_grad]
+        for i, p in enumerate(params):
+            p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(i))
+        opt = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.01},
+                                 {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
+                                lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                                **{"loop": dict(foreach=False), "foreach": dict(foreach=True),
+                                   "fused": dict(fused=True)}[kind])
+        times[kind] = timeit(lambda: [opt.step() for _ in range(steps)], repeat=3) / steps
+        ends[kind] = torch.cat([p.detach().flatten() for p in params])
+    print(f"AdamW on {len(params)} tensors ({sum(p.numel() for p in params) / 1e6:.1f}M numbers), "
+          f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}")
+    for kind in times:
+        print(f"  {kind:8s} {1000 * times[kind]:6.2f} ms a step   {times['loop'] / times[kind]:4.1f}x the loop's speed"
+              f"   max |difference| from the loop after {4 * steps} steps {(ends[kind] - ends['loop']).abs().max():.1e}")
+
+
+@bench("retriever")
+def bench_retriever(steps=40):
+    """train_retriever's step at the main job's settings (batch 256 of 20,000 PoseWorld captions with
+    their twins): each batch's texts padded to the batch's longest (text_features) against runs of
+    similar length (text_features_by_length, what train_retriever does). Prints seconds a step and the
+    final losses, which should agree."""
+    import data
+    import rewards
+    import train_sft
+    cfg = train_sft.SFTConfig()
+    tok = train_sft.train_tokenizer(cfg, data.PoseWorld("train", size=cfg.poseworld_size, seed=0))
+    pairs = train_sft.retriever_world(cfg)
+    n = cfg.retriever_pairs // 2
+    joints, captions, twins = pairs.joints_body[:n], list(pairs.captions)[:n], train_sft.retriever_twins(cfg)[:n]
+    runs = rewards.PoseTextRetriever.text_features_by_length
+
+    def padded(self, ids, mask, groups=4):  # the whole batch cut to its longest text
+        T = max(1, int(mask.sum(1).max()))
+        return self.text_features(ids[:, :T], mask[:, :T])
+
+    results = {}
+    try:
+        for name, f in (("padded", padded), ("runs", runs)):
+            rewards.PoseTextRetriever.text_features_by_length = f
+            model = rewards.train_retriever(joints, captions, tok, steps=steps, batch_size=cfg.retriever_batch,
+                                            progress=False, hard_negatives=twins)
+            # train_info["seconds"] times the training loop alone
+            results[name] = (model.train_info["seconds"] / steps, model.train_info["final_loss"])
+    finally:
+        rewards.PoseTextRetriever.text_features_by_length = runs
+    print(f"retriever, batch {cfg.retriever_batch} (+ twins), load average {os.getloadavg()[0]:.1f}")
+    for name, (t, loss) in results.items():
+        print(f"  {name:8s} {1000 * t:6.1f} ms a step   {results['padded'][0] / t:4.2f}x   loss after "
+              f"{steps} steps {loss:.6f}")
+
+
 @bench("rft")
 def bench_rft(steps=10):
     """One HyGRPO step of the tiny preset on CPU (train_rft.hygrpo_step with the main job's defaults):
@@ -268,7 +335,7 @@ def bench_rft(steps=10):
     ctx = train_rft.reward_context(cfg, weights, policy, tokenizer, device)
     body = smpl.build_body_model("", device)
     params = [p for p in policy.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, fused=True)  # as train_rft.py
     train_set = data.PoseWorld("train", size=cfg.poseworld_size, seed=cfg.seed, image_size=cfg.image_size,
                                mix=train_rft.parse_task_mix(cfg.task_mix))  # the main job's RFT prompts
     loader = iter(data.make_loader(train_set, cfg.batch_size, seed=1,

@@ -393,6 +393,28 @@ def test_mirror_augmentation_swaps_sides(world):
         "Their right knee is left of the Left hand."
 
 
+def test_text_features_by_length_equals_one_padded_batch(retriever, world):
+    """train_retriever runs each batch's texts in runs of similar length (text_features_by_length): the
+    features and their gradients must equal text_features on the whole batch padded to its longest text,
+    row for row. Catches rows put back in the wrong order, a run cut shorter than its longest text, and
+    padding that leaks into a text's features."""
+    texts = [world.captions[i] for i in range(20)] + ["", "left"]  # very short ones too
+    ids, mask = retriever.tokenize(texts)  # (22, T) padded to the longest
+    assert len(set(mask.sum(1).tolist())) > 4  # lengths that differ, so the runs are cut differently
+    grads = []
+    for f in (lambda: retriever.text_features(ids, mask), lambda: retriever.text_features_by_length(ids, mask, 4)):
+        retriever.zero_grad(set_to_none=True)
+        e = f()  # (22, d)
+        (e * torch.arange(e.numel()).view_as(e).float().sin()).sum().backward()  # a different weight per entry
+        grads.append((e.detach(), [p.grad.clone() for p in retriever.parameters() if p.grad is not None]))
+    (e0, g0), (e1, g1) = grads
+    torch.testing.assert_close(e1, e0, atol=1e-6, rtol=1e-5)
+    assert len(g0) == len(g1) > 0
+    for a, b in zip(g0, g1):
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-4)
+    retriever.zero_grad(set_to_none=True)
+
+
 def test_retriever_save_load_round_trip_and_mismatches(retriever, tok, world, tmp_path):
     """save / load keeps every weight (identical embeddings) and reads the folder's tokenizer; a config
     that does not fit the weights, another tokenizer, or a missing file fail with errors that say so."""

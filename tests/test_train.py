@@ -534,7 +534,7 @@ def test_joint_pathwise_finite_differences():
 def test_joint_pathwise_step_lowers_the_means_error():
     """A small step along J_path's gradient moves every scored mean's joints toward the ground truth: catches
     a sign error in joint_pathwise (hygrpo_step subtracts lambda J_path from the loss, so J_path must grow as
-    the error falls; that one line itself is not run here)."""
+    the error falls; test_hygrpo_step_ascends_the_pathwise_term runs that line)."""
     import rewards
     import smpl
     G = 6
@@ -549,3 +549,36 @@ def test_joint_pathwise_step_lowers_the_means_error():
         return 1 / rewards.joint_reward(smpl.pose_joints(m[1:2 * G]), cands.gt_joints[1:2 * G])
 
     assert (error(stepped) < error(mu0)).all()
+
+
+def test_hygrpo_step_ascends_the_pathwise_term(sft_dir, tmp_path, monkeypatch):
+    """hygrpo_step's `loss - lambda * J_path` (note 19): with J_path replaced by <d, w> for one trained tensor
+    w, one plain SGD step (lr 1, no clipping) from the same state and the same rollouts moves w by exactly
+    lambda * d more at lambda = 3 than at lambda = 0, i.e. the step ascends J_path. Catches `+`, a missing
+    factor lambda, and the term not reaching the loss."""
+    import data
+    import rewards
+    import smpl
+    cpu = torch.device("cpu")
+    cfg = train_rft.RFTConfig(sft_dir=sft_dir, out_dir=str(tmp_path / "rft"), poseworld_size=120, G=2,
+                              batch_size=2, max_new_tokens=12, task_mix="", grad_clip=1e9)
+    policy, tokenizer = train_rft.load_policy(cfg, cpu)
+    weights = rewards.parse_weights(cfg.rewards)
+    ctx = train_rft.reward_context(cfg, weights, policy, tokenizer, cpu)
+    body = smpl.build_body_model("", cpu)
+    params = [p for p in policy.parameters() if p.requires_grad]
+    w = params[len(params) // 2]
+    d = torch.randn(w.shape, generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr(train_rft, "joint_pathwise", lambda *args, **kwargs: ((w * d).sum(), 0.0))
+    train_set = data.PoseWorld("train", size=cfg.poseworld_size, seed=cfg.seed, image_size=cfg.image_size)
+    batch = data.collate_fn(tokenizer, policy, True)([train_set[i] for i in range(cfg.batch_size)])
+    start = {k: v.clone() for k, v in policy.state_dict().items()}
+    moved = {}
+    for lam in (0.0, 3.0):
+        policy.load_state_dict(start)
+        cfg.joint_pathwise = lam
+        opt = torch.optim.SGD(params, lr=1.0)
+        train_rft.hygrpo_step(policy, opt, params, batch, cfg, ctx, weights, body, tokenizer,
+                              torch.Generator().manual_seed(1), 1)
+        moved[lam] = w.detach() - start[next(k for k, v in policy.named_parameters() if v is w)]
+    torch.testing.assert_close(moved[3.0] - moved[0.0], 3.0 * d, atol=1e-5, rtol=1e-5)
