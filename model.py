@@ -3076,6 +3076,14 @@ def run_finished(extra):
     return extra.get("step", 0) >= (extra.get("config") or {}).get("max_steps", 0)
 
 
+def load_optimizer_state(opt, saved: dict) -> None:
+    """opt.load_state_dict(saved), keeping this optimiser's `fused` setting. torch takes each group's
+    settings from the saved state, so a checkpoint of an unfused AdamW (this code before fused=True) would
+    resume unfused; with the flag set first, the step counters also go where the fused kernel wants them."""
+    groups = [{**group, "fused": opt.defaults.get("fused")} for group in saved["param_groups"]]
+    opt.load_state_dict({**saved, "param_groups": groups})
+
+
 def load_train_state(out_dir):
     """The optimiser / RNG / step state saved with the run's last checkpoint, or a clear error."""
     path = os.path.join(out_dir, CHECKPOINT_DIR, "train_state.pt")

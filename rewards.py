@@ -720,15 +720,19 @@ class PoseTextRetriever(nn.Module):
 
     def text_features_by_length(self, ids: torch.Tensor, mask: torch.Tensor, groups: int = 4) -> torch.Tensor:
         """text_features of a batch in `groups` runs of rows sorted by length, each cut to its own longest
-        text: the same features (a text's reads only its own positions), with less padding. A batch of 256
+        text: the same features (a text reads only its own positions), with less padding. A batch of 256
         PoseWorld captions averages 25 tokens but is padded to its longest, about 54; in 4 runs a
         retriever's training step took 90 against 115 ms (tests/benchmark.py retriever).
         (B, T), (B, T) -> (B, d_embed)"""
+        if len(ids) == 0:
+            return self.text_features(ids, mask)
         lengths = mask.sum(1)  # (B,)
         order = lengths.argsort()  # (B,) shortest first
+        runs = order.chunk(groups)  # at most `groups` runs (fewer when B < groups), none empty
+        longest = torch.stack([lengths[rows].max() for rows in runs]).tolist()  # one read from the device
         parts = []
-        for rows in order.chunk(groups):
-            T = max(1, int(lengths[rows].max()))
+        for rows, T in zip(runs, longest):
+            T = max(1, T)
             parts.append(self.text_features(ids[rows, :T], mask[rows, :T]))  # (b, d_embed)
         return torch.cat(parts)[order.argsort()]  # (B, d_embed) back in the batch's order
 

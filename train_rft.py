@@ -49,7 +49,7 @@ import rewards
 import smpl
 import train_sft  # only to run stage 1 when pi_init is missing (ensure_sft)
 from model import (append_jsonl, apply_overrides, average_gradients, check_config, check_finite_update,
-                   load_train_state, lr_at, print0, recover_run, restore_rng_states, rng_states, run_finished,
+                   load_optimizer_state, load_train_state, lr_at, print0, recover_run, restore_rng_states, rng_states, run_finished,
                    setup_distributed, trim_metrics)
 
 
@@ -501,7 +501,7 @@ def resume(cfg, opt, generator, rank=0, world_size=1):
     """The optimiser, this rank's RNG states and the step of the last save (the policy itself came from
     the same checkpoint); metrics.jsonl is cut back to that step."""
     state = load_train_state(cfg.out_dir)
-    opt.load_state_dict(state["optimizer"])
+    load_optimizer_state(opt, state["optimizer"])
     restore_rng_states(state, rank, world_size, generator)
     if rank == 0:
         trim_metrics(os.path.join(cfg.out_dir, "metrics.jsonl"), state["step"])

@@ -335,7 +335,8 @@ def bench_rft(steps=10):
     ctx = train_rft.reward_context(cfg, weights, policy, tokenizer, device)
     body = smpl.build_body_model("", device)
     params = [p for p in policy.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, fused=True)  # as train_rft.py
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay,
+                            fused=True)  # as train_rft.py
     train_set = data.PoseWorld("train", size=cfg.poseworld_size, seed=cfg.seed, image_size=cfg.image_size,
                                mix=train_rft.parse_task_mix(cfg.task_mix))  # the main job's RFT prompts
     loader = iter(data.make_loader(train_set, cfg.batch_size, seed=1,

@@ -2,6 +2,7 @@
 
 These run the real scripts on a very small tiny-preset model (a few training steps), so they test the
 plumbing (gradient averaging, checkpoint state, RNG and data position), not the learning."""
+import copy
 import json
 import math
 import os
@@ -561,7 +562,7 @@ def test_hygrpo_step_ascends_the_pathwise_term(sft_dir, tmp_path, monkeypatch):
     import smpl
     cpu = torch.device("cpu")
     cfg = train_rft.RFTConfig(sft_dir=sft_dir, out_dir=str(tmp_path / "rft"), poseworld_size=120, G=2,
-                              batch_size=2, max_new_tokens=12, task_mix="", grad_clip=1e9)
+                              batch_size=2, max_new_tokens=12, task_mix="", grad_clip=1e9, inner_epochs=1)
     policy, tokenizer = train_rft.load_policy(cfg, cpu)
     weights = rewards.parse_weights(cfg.rewards)
     ctx = train_rft.reward_context(cfg, weights, policy, tokenizer, cpu)
@@ -582,3 +583,25 @@ def test_hygrpo_step_ascends_the_pathwise_term(sft_dir, tmp_path, monkeypatch):
                               torch.Generator().manual_seed(1), 1)
         moved[lam] = w.detach() - start[next(k for k, v in policy.named_parameters() if v is w)]
     torch.testing.assert_close(moved[3.0] - moved[0.0], 3.0 * d, atol=1e-5, rtol=1e-5)
+
+
+def test_resume_keeps_fused_adamw_from_an_unfused_checkpoint():
+    """model.load_optimizer_state: an optimiser state saved by an unfused AdamW (this code before fused=True)
+    resumes into the fused one still fused, with its moments, and the next step equals the unfused
+    optimiser's to float rounding. Catches plain opt.load_state_dict, which takes fused=None from the file."""
+    import model as M
+    w0 = torch.randn(5, 3, generator=torch.Generator().manual_seed(0))
+    grads = [torch.randn(5, 3, generator=torch.Generator().manual_seed(i)) for i in (1, 2)]
+    old = torch.nn.Parameter(w0.clone())
+    unfused = torch.optim.AdamW([old], lr=0.1, foreach=False)
+    old.grad = grads[0]
+    unfused.step()
+    saved = copy.deepcopy(unfused.state_dict())  # as read from a file: no tensor shared with `unfused`
+    new = torch.nn.Parameter(old.detach().clone())
+    fused = torch.optim.AdamW([new], lr=0.1, fused=True)
+    M.load_optimizer_state(fused, saved)
+    assert fused.param_groups[0]["fused"] is True
+    old.grad, new.grad = grads[1], grads[1].clone()
+    unfused.step()
+    fused.step()
+    torch.testing.assert_close(new.detach(), old.detach(), atol=1e-6, rtol=1e-6)
