@@ -719,10 +719,10 @@ class PoseTextRetriever(nn.Module):
         return F.normalize(self.text_proj(pooled), dim=-1)  # (B, d_embed)
 
     def text_features_by_length(self, ids: torch.Tensor, mask: torch.Tensor, groups: int = 4) -> torch.Tensor:
-        """text_features of a batch in `groups` runs of rows sorted by length, each cut to its own longest
-        text: the same features (a text reads only its own positions), with less padding. A batch of 256
-        PoseWorld captions averages 25 tokens but is padded to its longest, about 54; in 4 runs a
-        retriever's training step took 90 against 115 ms (tests/benchmark.py retriever).
+        """phi_t (Eq. 8), as text_features, for a batch in `groups` runs of rows sorted by length, each cut
+        to its own longest text: the same features (a text reads only its own positions), with less padding.
+        A batch of 256 PoseWorld captions averages 25 tokens but is padded to its longest, about 54; in 4
+        runs a retriever's training step took 90 against 115 ms (tests/benchmark.py retriever).
         (B, T), (B, T) -> (B, d_embed)"""
         if len(ids) == 0:
             return self.text_features(ids, mask)

@@ -12,8 +12,8 @@ frozen base (model.PoseLLaVA.reference; the paper writes both as pi_ref; see hyg
 
 The main job, `python train_rft.py` with no arguments on a fresh clone: trains the tiny SFT model if
 there is none yet (train_sft.py), evaluates it, runs RFT on PoseWorld, evaluates again and prints the
-before/after table (also written to out/tiny-rft/results.md). It took 9.7 minutes on a 2-core CPU, alone,
-and 11.2 minutes half an hour later (the machine's speed varies from hour to hour; README).
+before/after table (also written to out/tiny-rft/results.md). It took 7.5 to 8.9 minutes on a 2-core CPU,
+alone, for seeds 0, 1 and 2 (the machine's speed varies from hour to hour; README).
 
 Launch:
     python train_rft.py                                    # the main job (tiny preset, CPU)
@@ -49,8 +49,8 @@ import rewards
 import smpl
 import train_sft  # only to run stage 1 when pi_init is missing (ensure_sft)
 from model import (append_jsonl, apply_overrides, average_gradients, check_config, check_finite_update,
-                   load_optimizer_state, load_train_state, lr_at, print0, recover_run, restore_rng_states, rng_states, run_finished,
-                   setup_distributed, trim_metrics)
+                   load_optimizer_state, load_train_state, lr_at, print0, recover_run, restore_rng_states,
+                   rng_states, run_finished, setup_distributed, trim_metrics)
 
 
 @dataclass
@@ -84,7 +84,7 @@ class RFTConfig:
     # the paper: --beta_i2p=--beta is its one beta); tiny, 3 seeds: MPJPE +0.3 mm against +1.7, posecode +3.2 both
     joint_pathwise: float = 3.0       # the joint reward's gradient at the mean (hygrpo.py note 19; not in the
     # paper: 0 is the paper); 3 seeds, 800-step retrievers: MPJPE -0.33 mm against +0.27 without, posecode +3.4
-    # against +4.0; with today's 600-step ones -0.29 mm and +3.1 (README)
+    # against +4.0; with 600-step ones -0.29 mm and +3.1, and in the final code's draw -0.78 mm and +3.5 (README)
     pose_kl: str = "exact"            # pose KL: closed form ("exact", note 12), or GRPO's "k3" at the sample
     temperature: float = 1.0          # sampling temperature of the text policy
     top_p: float = 1.0
@@ -165,11 +165,12 @@ def pathwise_on(cfg, weights):
 
 def joint_pathwise(pose, cands, R_c, in_V, G, w_joint, body_model, ctx, V_norm, pose_samples=1):
     """hygrpo.py note 19: the deterministic policy gradient of the joint reward (Eq. 7) at each Gaussian's
-    mean. Returns (J_path, R_joint at the means): J_path is (1/V) sum over V of Delta_hat_i with, on the candidates the joint
-    reward scores, the gradient of w_joint R_joint(mu_i(theta)) / std of its group (pose: the current
-    Gaussians; the group's mean and std of Eq. 16 held). Its value is the sum of the advantages (~0); only
-    its gradient acts. The second is the mean of R_joint(mu) over those answers (NaN without any), for the
-    log. An answer's pose_samples consecutive rows share one mean, whose reward is computed once."""
+    mean. Returns (J_path, R_joint at the means). J_path is (1/V) sum over V of Delta_hat_i with, on the
+    candidates the joint reward scores, the gradient of w_joint R_joint(mu_i(theta)) / std of its group
+    (pose: the current Gaussians; the group's mean and std of Eq. 16 held). Its value is the sum of the
+    advantages (~0); only its gradient acts. The second is the mean of R_joint(mu) over those answers (NaN
+    without any), for the log. An answer's pose_samples consecutive rows share one mean, whose reward is
+    computed once."""
     joint = rewards.REWARDS["joint"]
     rows = in_V & cands.has_gt & torch.tensor([t in joint.tasks for t in cands.task], device=in_V.device)  # (N,)
     if not rows.any():
@@ -180,7 +181,7 @@ def joint_pathwise(pose, cands, R_c, in_V, G, w_joint, body_model, ctx, V_norm, 
         J = smpl.pose_joints(pose.mu[first].float(), body_model)  # (n / M, 24, 3)
     r = rewards.joint_reward(J, cands.gt_joints[first], ctx.joint_floor)  # (n / M,)
     r_rows = r.repeat_interleave(pose_samples)  # (n,) each draw of an answer, at its mean
-    R = R_c.detach().index_add(0, idx, w_joint * (r_rows - r_rows.detach()))  # (N,) R_c's values, R_joint(mu)'s gradient
+    R = R_c.detach().index_add(0, idx, w_joint * (r_rows - r_rows.detach()))  # (N,) R_c's values, R_joint(mu)'s grad
     J_path = hygrpo.group_advantages(R, valid=in_V, G=G, hold_stats=True)[in_V].sum() / V_norm  # ()
     return J_path, r.mean().item()
 

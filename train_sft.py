@@ -50,8 +50,8 @@ import model as M
 import rewards
 import smpl
 from model import (append_jsonl, apply_overrides, average_gradients, check_config, check_finite_update,
-                   load_optimizer_state, load_train_state, lr_at, print0, recover_run, restore_rng_states, rng_states, setup_distributed,
-                   trim_metrics)
+                   load_optimizer_state, load_train_state, lr_at, print0, recover_run, restore_rng_states,
+                   rng_states, setup_distributed, trim_metrics)
 
 
 @dataclass
