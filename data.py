@@ -21,7 +21,8 @@ Sections, top-down:
 5. VQA about the pictured pose
 6. The PoseWorld data set (t2p / i2p / vqa samples, splits, on-disk cache)
 7. The conversation format (LLaVA v1), tokenisation with labels on the answer, image preprocessing for
-   both encoders (CLIP and the HMR2.0 ViT), collation, sharded loading under torchrun, `build_datasets`
+   both encoders (CLIP and the HMR2.0 ViT), collation, sharded loading under torchrun, `build_datasets`,
+   `TaskMixture` (RFT's prompts from the real sets in a stated task mix)
 File formats, not in the paper:
 8. Pictures: a zlib-only PNG writer and `render_poses` (grids of skeletons, Fig. 5 and the README)
 9. Real images and the real data sets of Sec. 4.1: PoseScript, 3DPW, Human3.6M, LLaVA-Instruct-150k
@@ -425,6 +426,13 @@ POSECODES = tuple(
     ])
 POSECODE_INDEX = {f.name: k for k, f in enumerate(POSECODES)}
 K = len(POSECODES)  # number of posecode families
+# The body region of each family (by its template key), for eval.py's per-family and per-region accuracy.
+# A new family needs a region here, or importing this module fails (KeyError).
+BODY_REGIONS = ("arms_and_hands", "legs_and_feet", "torso_and_head")
+_TEMPLATE_REGION = {"elbow": 0, "hand_height": 0, "hand_side": 0, "hand_forward": 0, "hands_distance": 0,
+                    "knee": 1, "feet_distance": 1, "raised_foot": 1, "foot_forward": 1, "hips_height": 1,
+                    "torso_pitch": 2, "torso_roll": 2, "head_pitch": 2}
+POSECODE_REGION = {f.name: BODY_REGIONS[_TEMPLATE_REGION[f.template]] for f in POSECODES}  # family -> region
 
 
 def _values_and_boundaries(joints: torch.Tensor) -> list:
@@ -665,6 +673,48 @@ def make_caption(codes: torch.Tensor, margins: torch.Tensor, rng: random.Random)
     mentioned = torch.zeros(K, dtype=torch.bool)
     mentioned[chosen] = True
     return " ".join(code_sentence(k, codes[k], rng) for k in chosen), mentioned
+
+
+def _plain(sentence: str) -> str:
+    return " ".join(sentence.lower().replace(".", " ").split())  # case, spacing and the full stop ignored
+
+
+@functools.lru_cache(maxsize=1)
+def _sentence_table() -> dict:
+    """Every sentence code_sentence can write, as _plain text -> (family k, category). A sentence two
+    codes could write would make captions ambiguous: refused here, so the tests catch a new template."""
+    table = {}
+    for k, f in enumerate(POSECODES):
+        other = {"left": "right", "right": "left"}.get(f.side)
+        for category, templates in enumerate(CAPTION_TEMPLATES[f.template]):
+            for template in templates:
+                for S in SUBJECTS:
+                    for P in POSSESSIVES:
+                        s = _plain(template.format(S=S, P=P, p="their", side=f.side, other=other))
+                        if table.setdefault(s, (k, category)) != (k, category):
+                            raise ValueError(f"the caption templates are ambiguous: {s!r} is written for "
+                                             f"{POSECODES[table[s][0]].name} and for {f.name}")
+    return table
+
+
+def parse_caption(text: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The caption templates inverted: (codes (K,) long, mentioned (K,) bool) of a caption whose every
+    sentence is one that make_caption could write (any subject, possessive, letter case or spacing), so
+    that check_posecodes can score a pose against a caption typed by hand; None for any other caption
+    (outside PoseWorld's vocabulary). A caption naming one family twice with different categories is a
+    ValueError: no pose satisfies it."""
+    table = _sentence_table()
+    sentences = [s for s in text.split(".") if s.strip()]  # every template is one sentence ending in "."
+    if not sentences or any(_plain(s) not in table for s in sentences):
+        return None
+    codes, mentioned = torch.zeros(K, dtype=torch.long), torch.zeros(K, dtype=torch.bool)
+    for s in sentences:
+        k, category = table[_plain(s)]
+        if mentioned[k] and codes[k] != category:
+            raise ValueError(f"the caption says two things of {POSECODES[k].name}: "
+                             f"{POSECODES[k].categories[int(codes[k])]!r} and {POSECODES[k].categories[category]!r}")
+        codes[k], mentioned[k] = category, True
+    return codes, mentioned
 
 
 # ====================================================================================================
@@ -1455,6 +1505,70 @@ def build_datasets(cfg, split: str):
     return sets[0] if len(sets) == 1 else torch.utils.data.ConcatDataset(sets)
 
 
+def dataset_parts(dataset) -> list:
+    """The data sets build_datasets joined: the parts of a ConcatDataset, or [dataset]."""
+    return list(dataset.datasets) if isinstance(dataset, torch.utils.data.ConcatDataset) else [dataset]
+
+
+class TaskMixture(torch.utils.data.Dataset):
+    """Prompts from several single-task data sets (PoseScript t2p, Human3.6M i2p, LLaVA-Instruct vqa) in a
+    stated task mix: RFT's counterpart on real data of PoseWorld's `mix`.
+
+    mix: one weight per task of TASKS (train_rft.parse_task_mix). Of the `size` rows (by default as many
+    as the sets hold together) each task gets exactly its share (largest remainders, as _assign_tasks);
+    a task's share is split among its sets by their sizes, and each set gives its rows in a random order
+    of its own samples, starting a new order when its share is larger than the set. A set whose task has
+    weight 0 is left out; a weighted task with no set is an error. The rows are a pure function of
+    (sets, mix, size, seed): make_loader's ShardedBatchSampler shuffles, shards and resumes them (its
+    start_step) as it does any data set. counts: {task: rows}. Each set needs a `task` attribute.
+    """
+
+    def __init__(self, sets: list, mix: tuple, size: int | None = None, seed: int = 0):
+        if len(mix) != len(TASKS) or any(w < 0 for w in mix):
+            raise ValueError(f"mix must give one non-negative weight per task {TASKS}; got {mix}")
+        weight = dict(zip(TASKS, (float(w) for w in mix)))
+        for ds in sets:
+            if getattr(ds, "task", None) not in TASKS:
+                raise ValueError(f"TaskMixture: {type(ds).__name__} has no single task (a `task` attribute in "
+                                 f"{TASKS}); PoseWorld mixes its tasks itself (its `mix`)")
+        self.sets = [ds for ds in sets if weight[ds.task] > 0 and len(ds) > 0]
+        tasks = [t for t in TASKS if weight[t] > 0]
+        missing = [t for t in tasks if not any(ds.task == t for ds in self.sets)]
+        if missing or not self.sets:
+            raise ValueError(f"TaskMixture: the mix {dict(weight)} weighs task(s) {missing or tasks} that no "
+                             f"given data set has (sets: {[type(ds).__name__ for ds in sets]})")
+        size = sum(len(ds) for ds in self.sets) if size is None else int(size)
+        g = torch.Generator().manual_seed(seed)
+        per_task = _largest_remainders(size, [weight[t] for t in tasks])  # (T,) rows of each task
+        parts = []
+        for task, n_task in zip(tasks, per_task.tolist()):
+            members = [k for k, ds in enumerate(self.sets) if ds.task == task]
+            per_set = _largest_remainders(n_task, [len(self.sets[k]) for k in members])  # (S,)
+            for k, n in zip(members, per_set.tolist()):
+                n_k = len(self.sets[k])
+                passes = [torch.randperm(n_k, generator=g) for _ in range(math.ceil(n / n_k))]
+                items = torch.cat(passes)[:n] if passes else torch.zeros(0, dtype=torch.long)  # (n,)
+                parts.append(torch.stack([torch.full_like(items, k), items], 1))  # (n, 2) (set, item)
+        self.index = torch.cat(parts)  # (size, 2), grouped by set: the sampler shuffles
+        self.counts = {t: int(c) for t, c in zip(tasks, per_task)}
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> dict:
+        k, j = self.index[i].tolist()
+        return self.sets[k][j]
+
+
+def _largest_remainders(n: int, weights: list) -> torch.Tensor:
+    """n split into integer counts (len(weights),) proportional to weights, summing to n."""
+    w = torch.tensor(weights, dtype=torch.float64) / sum(weights)  # (T,)
+    counts = torch.floor(w * n).long()  # (T,)
+    for i in torch.argsort(w * n - counts, descending=True, stable=True)[: n - int(counts.sum())]:
+        counts[i] += 1
+    return counts
+
+
 # ====================================================================================================
 # File formats: not in the paper
 #
@@ -1485,6 +1599,86 @@ def write_png(path: str, rgb) -> None:
     with open(tmp, "wb") as f:
         f.write(png)
     os.replace(tmp, path)
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def read_png(path: str) -> torch.Tensor:
+    """Decode a PNG with zlib only (load_image uses it when Pillow is missing). -> uint8 (3, H, W), RGB.
+
+    Reads the usual files: grey, grey + alpha, RGB, RGBA (8 or 16 bits) and palette (8 bits), not
+    interlaced. As Pillow's convert("RGB"): grey is repeated, alpha dropped; 16 bits keep the high byte.
+    Each row is un-filtered by the filter byte it starts with (PNG spec 9.2: None, Sub, Up, Average,
+    Paeth), each byte from the byte bpp to its left (a), above (b) and above-left (c)."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    if raw[:8] != PNG_SIGNATURE:
+        raise ValueError(f"{path} is not a PNG file")
+    pos, header, palette, idat = 8, None, None, []
+    while pos + 8 <= len(raw):
+        length, kind = struct.unpack(">I4s", raw[pos:pos + 8])
+        chunk = raw[pos + 8:pos + 8 + length]
+        pos += 12 + length  # length, type, data, CRC
+        if kind == b"IHDR":
+            header = struct.unpack(">IIBBBBB", chunk)
+        elif kind == b"PLTE":
+            palette = np.frombuffer(chunk, dtype=np.uint8).reshape(-1, 3)  # (n, 3)
+        elif kind == b"IDAT":
+            idat.append(chunk)
+        elif kind == b"IEND":
+            break
+    if header is None or not idat:
+        raise ValueError(f"{path}: a damaged PNG (no IHDR or IDAT chunk)")
+    W, H, depth, colour, _, _, interlace = header
+    channels = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}.get(colour)
+    depths = (8,) if colour == 3 else (8, 16)
+    if channels is None or interlace or depth not in depths or (colour == 3 and palette is None):
+        raise ValueError(f"{path}: a PNG of colour type {colour}, {depth} bits{', interlaced' if interlace else ''} "
+                         "is not read without Pillow (pip install pillow)")
+    bpp = channels * depth // 8  # bytes per pixel
+    try:
+        stream = np.frombuffer(zlib.decompress(b"".join(idat)), dtype=np.uint8)
+    except zlib.error as e:
+        raise ValueError(f"{path}: a damaged PNG ({e})") from None
+    if stream.size != H * (1 + W * bpp):
+        raise ValueError(f"{path}: a damaged PNG ({stream.size} bytes of pixels for {W} x {H})")
+    rows = stream.reshape(H, 1 + W * bpp)  # (H, 1 + W bpp): filter byte, then the row
+    out = np.zeros((H, W * bpp), dtype=np.int32)  # (H, W bpp)
+    prev = np.zeros(W * bpp, dtype=np.int32)  # the row above the first is zeros
+    for y in range(H):
+        kind, x = rows[y, 0], rows[y, 1:].astype(np.int32)  # (W bpp,)
+        if kind == 0:
+            row = x
+        elif kind == 1:  # Sub: a running sum along each byte lane
+            row = x.reshape(W, bpp).cumsum(0).reshape(-1) % 256
+        elif kind == 2:  # Up
+            row = (x + prev) % 256
+        elif kind in (3, 4):  # Average, Paeth: each pixel needs the one decoded before it
+            row = np.zeros_like(x)
+            left = np.zeros(bpp, dtype=np.int32)
+            for i in range(0, W * bpp, bpp):
+                b, c = prev[i:i + bpp], prev[i - bpp:i] if i else np.zeros(bpp, dtype=np.int32)
+                if kind == 3:
+                    predict = (left + b) // 2
+                else:
+                    p = left + b - c
+                    pa, pb, pc = np.abs(p - left), np.abs(p - b), np.abs(p - c)
+                    predict = np.where((pa <= pb) & (pa <= pc), left, np.where(pb <= pc, b, c))
+                left = row[i:i + bpp] = (x[i:i + bpp] + predict) % 256
+        else:
+            raise ValueError(f"{path}: a damaged PNG (filter type {kind} in row {y})")
+        out[y], prev = row, row
+    pixels = out.astype(np.uint8).reshape(H, W, bpp)  # (H, W, bpp)
+    if depth == 16:
+        pixels = pixels[:, :, 0::2]  # (H, W, channels) the high (first) byte of each sample
+    if colour == 3:
+        pixels = palette[pixels[:, :, 0]]  # (H, W, 3)
+    elif colour in (0, 4):
+        pixels = pixels[:, :, :1].repeat(3, axis=2)  # (H, W, 3) grey repeated, alpha dropped
+    else:
+        pixels = pixels[:, :, :3]  # (H, W, 3) alpha dropped
+    return torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1).contiguous()  # (3, H, W)
 
 
 # A 3x5 bitmap font (rows top to bottom, 3 bits each) for panel titles; lower case is drawn as upper.
@@ -1599,12 +1793,16 @@ def render_poses(joints, path: str, views=("front", "side"), titles=None, size: 
 
 
 def load_image(path: str) -> torch.Tensor:
-    """Decode an image file with Pillow. -> uint8 (3, H, W), RGB."""
+    """Decode an image file with Pillow, or a PNG with read_png when Pillow is missing. -> uint8 (3, H, W), RGB."""
     try:
         from PIL import Image
     except ImportError as e:
-        raise ImportError("Reading real images needs Pillow: pip install pillow "
-                          "(PoseWorld and the annotation-only loaders do not need it)") from e
+        if os.path.isfile(path):
+            with open(path, "rb") as f:
+                if f.read(8) == PNG_SIGNATURE:
+                    return read_png(path)
+        raise ImportError(f"{path}: reading images other than PNG needs Pillow: pip install pillow "
+                          "(PNG files, PoseWorld and the annotation-only loaders do not need it)") from e
     if not os.path.isfile(path):
         raise FileNotFoundError(f"image not found: {path}")
     with Image.open(path) as im:
@@ -1768,6 +1966,7 @@ class PoseScript(torch.utils.data.Dataset):
     itself describes poses on the mean body. All poses are read once at construction (100k x 24 x 3
     floats), so a broken file shows up immediately.
     """
+    task = "t2p"  # every sample's task (TaskMixture draws the sets by it)
 
     def __init__(self, root: str, amass_root: str, split: str = "train", caption_files=(POSESCRIPT_H2,),
                  id_map_file: str = "ids_2_dataset_sequence_and_frame_index_100k.json",
@@ -1855,6 +2054,7 @@ class ThreeDPW(torch.utils.data.Dataset):
     With images=True the image is HMR2.0's crop around the box (hmr2_crop_side: 4/3 of its side) at
     image_size x image_size (needs Pillow); with images=False image is None and image_path tells where it is.
     """
+    task = "i2p"
 
     def __init__(self, root: str, split: str = "test", images: bool = False, image_size: int = 256):
         folder = os.path.join(root, "sequenceFiles", split)
@@ -1971,6 +2171,7 @@ class Human36M(torch.utils.data.Dataset):
     <image_root>/<imgname>, cropped as HMR2.0 crops the box (hmr2_crop_side: 4/3 of its side) at image_size
     with images=True (needs Pillow); box stays the person box of the file.
     """
+    task = "i2p"
 
     def __init__(self, npz_path: str, image_root: str, images: bool = False, image_size: int = 256):
         data = _load_npz(npz_path, "a Human3.6M evaluation file", ("imgname", "center", "scale"),
@@ -2033,6 +2234,7 @@ class LLaVAInstruct(torch.utils.data.Dataset):
     question) is removed, build_prompt puts it back. Images are <image_root>/<image> (COCO train2017),
     decoded with images=True (needs Pillow); image_path is always given.
     """
+    task = "vqa"
 
     def __init__(self, json_path: str, image_root: str, images: bool = False):
         data = _read_json(json_path, "LLaVA-Instruct conversations (a list of {id, image, conversations})")

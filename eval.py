@@ -19,9 +19,11 @@ import json
 import math
 import os
 import sys
+import textwrap
 from typing import Sequence
 from xml.sax.saxutils import escape
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -298,7 +300,8 @@ def evaluate(policy, tokenizer, dataset, body_model, retrievers: dict, embedder,
     (Eq. 8) points where the checker does. 0 (the default) skips it.
     Returns a flat dict of floats (errors in mm, recalls and rates in percent) plus sample counts, and
     "items": {metric: per-item values (list)} so two evaluations of the same items can be paired
-    (paired_change, format_comparison).
+    (paired_change, format_comparison). The posecode accuracy per family and body region (t2p_family/...,
+    t2p_region/...) is listed above POSECODE_GROUPS.
     """
     refuse_nonfinite_weights(policy)
     n = len(dataset) if limit is None else min(limit, len(dataset))
@@ -353,12 +356,26 @@ def evaluate(policy, tokenizer, dataset, body_model, retrievers: dict, embedder,
                 g = torch.Generator().manual_seed(seed)
                 for k, v in recall_at_k_sampled(text_emb, pose_emb, generator=g, per_query=True).items():
                     items[f"t2p_sampled_{name}_{k}"] = v.tolist()
-        acc = data.check_posecodes(joints[t2p], dataset.codes[t2p], dataset.mentioned[t2p])  # (m,)
+        codes, mentioned = dataset.codes[t2p], dataset.mentioned[t2p]  # (m, K) each
+        acc = data.check_posecodes(joints[t2p], codes, mentioned)  # (m,)
         items["t2p_posecode_acc"] = (100 * acc).tolist()
+        # per family and body region (POSECODE_GROUPS): accuracy over the group's mentions, pooled
+        hits, mentions = posecode_families(joints[t2p], codes, mentioned)  # (m, K + R) each
+        for (key, _), h, n in zip(POSECODE_GROUPS, hits.T, mentions.T):
+            out[f"{key}/n"] = int(n.sum())
+            items[f"{key}/acc"] = _pooled_items(h, n)
         if baseline_poses is not None:
-            base = data.check_posecodes(baseline_joints("t2p", len(t2p)), dataset.codes[t2p],
-                                        dataset.mentioned[t2p])  # (m,)
+            base_joints = baseline_joints("t2p", len(t2p))  # (m, 24, 3)
+            base = data.check_posecodes(base_joints, codes, mentioned)  # (m,)
             out["t2p_mean_pose_posecode_acc"] = 100 * base.mean().item()
+            # informative mentions: those the average pose fails, what the model must take from the text
+            base_hits, _ = posecode_families(base_joints, codes, mentioned)  # (m, K + R)
+            informative = mentioned & (base_hits[:, :data.K] == 0)  # (m, K)
+            info_hits, info_n = posecode_families(joints[t2p], codes, informative)  # (m, K + R) each
+            for (key, _), hb, n, h, ni in zip(POSECODE_GROUPS, base_hits.T, mentions.T, info_hits.T, info_n.T):
+                out[f"{key}/mean_pose_acc"] = 100 * hb.sum().item() / n.sum().item() if n.sum() else float("nan")
+                out[f"{key}/informative_n"] = int(ni.sum())
+                items[f"{key}/informative_acc"] = _pooled_items(h, ni)
         if agreement_prompts > 0:
             out.update(_agreement(policy, tokenizer, dataset, t2p[:agreement_prompts], body_model, retrievers,
                                   G, device, seed))
@@ -374,6 +391,43 @@ def evaluate(policy, tokenizer, dataset, body_model, retrievers: dict, embedder,
         out[key] = sum(values) / len(values) if values else float("nan")
     out["items"] = items
     return out
+
+
+# Posecode accuracy per family and per body region. evaluate's keys, for each group of POSECODE_GROUPS
+# (t2p_family/<family of data.POSECODES> and t2p_region/<region of data.BODY_REGIONS>):
+#   <group>/n                 the test captions' mentions of the group's codes
+#   <group>/acc               the policy's accuracy (%) over those mentions, pooled (hits / mentions)
+#   <group>/mean_pose_acc     the same for the average training pose (with baseline_poses)
+#   <group>/informative_n     the informative mentions: those the average pose fails (with baseline_poses)
+#   <group>/informative_acc   the policy's accuracy (%) on them: what it took from the text beyond the prior
+# acc and informative_acc also have per-item lists in "items" (_pooled_items), for paired standard errors.
+POSECODE_GROUPS = ([(f"t2p_family/{f.name}", f.name.replace("_", " ")) for f in data.POSECODES]
+                   + [(f"t2p_region/{r}", r.replace("_", " ")) for r in data.BODY_REGIONS])  # (key, label)
+
+
+def posecode_families(joints: torch.Tensor, codes: torch.Tensor, mentioned: torch.Tensor) -> tuple:
+    """The mentioned codes that `joints` satisfy, per sample, by family and by body region: (hits,
+    mentions), each (B, K + R) long counts, columns in POSECODE_GROUPS' order (the K families of
+    data.POSECODES, then the R regions of data.BODY_REGIONS, each the sum of its families). joints
+    (B, 24, 3), codes (B, K), mentioned (B, K) bool as for data.check_posecodes, whose share is a row's
+    hits / mentions over the K family columns."""
+    if codes.shape != mentioned.shape or codes.shape != (joints.shape[0], data.K):
+        raise ValueError(f"posecode_families: expected joints (B, 24, 3), codes and mentioned (B, {data.K}); "
+                         f"got {tuple(joints.shape)}, {tuple(codes.shape)}, {tuple(mentioned.shape)}")
+    hit = (data.posecodes(joints) == codes) & mentioned  # (B, K)
+    region = torch.tensor([[data.POSECODE_REGION[f.name] == r for r in data.BODY_REGIONS]
+                           for f in data.POSECODES]).long()  # (K, R) one-hot
+    both = torch.stack([hit, mentioned]).long()  # (2, B, K)
+    both = torch.cat([both, both @ region], -1)  # (2, B, K + R)
+    return both[0], both[1]
+
+
+def _pooled_items(hits: torch.Tensor, mentions: torch.Tensor) -> list:
+    """Per-item values of a pooled accuracy, for the items with mentions: 100 * hits_i / (mean mentions
+    per such item), so their mean is 100 * sum(hits) / sum(mentions) and paired_change over two
+    evaluations of the same items gives the change of that pooled accuracy with its s.e. (m,) x2 -> list."""
+    rows = mentions > 0  # (m,)
+    return (100.0 * hits[rows].double() * rows.sum() / mentions.sum()).tolist()
 
 
 def perturbed_agreement(retriever, dataset, n_prompts: int = 200, G: int = 8, noise: float = 0.15,
@@ -505,6 +559,50 @@ def evaluate_real_i2p(policy, tokenizer, dataset, body_model, name: str, limit: 
             f"{key}_pa_mpjpe_mm": 1000 * torch.cat(pa_errs).mean().item(), f"{name}_protocol": protocol}
 
 
+@torch.no_grad()
+def evaluate_real_t2p(policy, tokenizer, dataset, body_model, retriever, limit: int | None = None,
+                      batch_size: int = 32, device="cpu", progress: bool = True, seed: int = 0,
+                      name: str = "posescript") -> dict:
+    """Table 2 on a real text-to-pose test set (PoseScript's test split, data.PoseScript).
+
+    The policy answers each caption greedily with its mean pose (as `evaluate`; no <POSE>: the rest
+    pose), and the retriever, the EVALUATION one that train_sft.py trained on PoseScript's train
+    captions (never a reward), ranks the captions against the generated poses: Recall@K in both
+    directions under full retrieval (recall_at_k) and, with at least 32 captions, random sampling
+    (recall_at_k_sampled, generator seeded by `seed`). The retriever sees each pose in the body frame
+    (its pose_features), as it was trained. For scale, the same full-retrieval recalls of the ground-truth
+    poses: what a perfect generator would score with this retriever.
+    Keys: {name}_n, {name}_format_rate, {name}_{full|sampled}_{t2p|p2t}@{5,10,20}, {name}_gt_full_...,
+    and "items" {key: per-caption values} for paired standard errors (format_comparison)."""
+    policy.eval()
+    n = len(dataset) if limit is None else min(limit, len(dataset))
+    texts, mus, captions, gt_pose = [], [], [], []
+    for start in tqdm(range(0, n, batch_size), desc=f"eval {name}", disable=not progress, leave=False):
+        samples = [dataset[i] for i in range(start, min(n, start + batch_size))]
+        t, mu, _ = _mean_poses(policy, samples, tokenizer, device)
+        texts += t
+        mus.append(mu)
+        captions += [s["caption"] for s in samples]
+        gt_pose += [s["pose"] for s in samples]
+    joints = smpl.pose_joints(torch.cat(mus), body_model)  # (n, 24, 3)
+    gt_joints = smpl.pose_joints(M.pose_to_rot6d(torch.stack(gt_pose).to(device)), body_model)  # (n, 24, 3)
+    text_emb = retriever.encode_text(captions).cpu()  # (n, d)
+    pose_emb = retriever.encode_pose(joints).cpu()  # (n, d)
+    items = {f"{name}_format_rate": (100 * rewards.format_reward(texts)).tolist()}
+    for k, v in recall_at_k(text_emb, pose_emb, per_query=True).items():
+        items[f"{name}_full_{k}"] = v.tolist()
+    if n >= 32:  # the sampled protocol draws 31 distractors per query
+        g = torch.Generator().manual_seed(seed)
+        for k, v in recall_at_k_sampled(text_emb, pose_emb, generator=g, per_query=True).items():
+            items[f"{name}_sampled_{k}"] = v.tolist()
+    out = {f"{name}_n": n}
+    gt_emb = retriever.encode_pose(gt_joints).cpu()  # (n, d)
+    out.update({f"{name}_gt_full_{k}": v for k, v in recall_at_k(text_emb, gt_emb).items()})
+    out.update({key: sum(v) / len(v) if v else float("nan") for key, v in items.items()})
+    out["items"] = items
+    return out
+
+
 # ----------------------------------------------------------------------------------------------------
 # Tables
 
@@ -527,6 +625,11 @@ _ROWS += [("t2p_posecode_acc", "Text-to-pose posecode accuracy (%)", False),
           ("vqa_text_sim", "VQA answer similarity (text reward's E, x100)", False),
           ("vqa_exact", "VQA exact answers (%)", False),
           ("format_rate", "Format rate, pose tasks (%)", False)]
+# real text-to-pose, PoseScript's test split (evaluate_real_t2p, eval retriever), Table 2's two protocols
+_ROWS += [(f"posescript_{_proto}_{_dir}@", f"PoseScript test R^{_dir.upper()} @5/10/20, {_proto} retrieval", False)
+          for _proto in ("full", "sampled") for _dir in ("t2p", "p2t")]
+_ROWS += [("posescript_gt_full_t2p@", "PoseScript test R^T2P @5/10/20 of the ground-truth poses (scale)", None),
+          ("posescript_format_rate", "Format rate, PoseScript test (%)", False)]
 
 
 _BASELINES = [("i2p_mean_pose_mpjpe_mm", "Image-to-pose MPJPE of always answering the average training pose (mm)"),
@@ -591,7 +694,46 @@ def format_comparison(before: dict, after: dict | None = None, title: str = "") 
     for key, label in _BASELINES:
         if key in before:
             lines.append(f"| {label} | {before[key]:.1f} |" + (" | |" if after is not None else ""))
-    return "\n".join(lines)
+    return "\n".join(lines + _posecode_block(before, after))
+
+
+def _posecode_block(before: dict, after: dict | None) -> list:
+    """format_comparison's lines for the posecode accuracy per family and region (POSECODE_GROUPS): one
+    line per group; none for results that predate these keys."""
+    groups = [(key, label) for key, label in POSECODE_GROUPS
+              if f"{key}/acc" in before and (after is None or f"{key}/acc" in after)]
+    if not groups:
+        return []
+    num = lambda r, k: "" if r.get(k) is None or math.isnan(r[k]) else f"{r[k]:.1f}"  # noqa: E731
+
+    def change(key):  # "+d (s.e.)", * beyond twice the paired s.e.
+        d, se = _change(before, after, key, 1.0)
+        if math.isnan(d):
+            return ""
+        return f"{d:+.1f}" + (f" ({se:.1f})" + "*" * (abs(d) > 2 * se) if se is not None else "")
+    lines = ["", "Posecode accuracy (%) per family and body region over its mentions; avg pose: the average "
+             "training pose's; informative: the mentions the average pose fails (what the model took from the "
+             "text)" + ("; * a change beyond twice its paired s.e" if after else "") + ".", ""]
+    if after is None:
+        lines += ["| family / region | mentions | avg pose | accuracy | informative | accuracy |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+    else:
+        lines += ["| family / region | mentions | avg pose | before | after | change (s.e.) | informative | "
+                  "before | after | change (s.e.) |", "|" + " --- |" * 10]
+    for key, label in groups:
+        label = label if key.startswith("t2p_family/") else f"**{label}**"
+        cells = [label, str(before.get(f"{key}/n", "")), num(before, f"{key}/mean_pose_acc")]
+        info = f"{key}/informative_acc" in before and (after is None or f"{key}/informative_acc" in after)
+        if after is None:
+            cells += [num(before, f"{key}/acc"), str(before.get(f"{key}/informative_n", "")),
+                      num(before, f"{key}/informative_acc")]
+        else:
+            cells += [num(before, f"{key}/acc"), num(after, f"{key}/acc"), change(f"{key}/acc"),
+                      str(before.get(f"{key}/informative_n", ""))]
+            cells += ([num(before, f"{key}/informative_acc"), num(after, f"{key}/informative_acc"),
+                       change(f"{key}/informative_acc")] if info else ["", "", ""])
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -617,8 +759,12 @@ def _mean_se(xs: list) -> tuple[float, float]:
 def compare_runs(groups: dict) -> str:
     """A Markdown table of RFT runs, one group of runs (one per seed) per column: for each metric, the
     mean over seeds before and after, the mean gain with its standard error over seeds, and each seed's
-    paired gain with its standard error over the test items. With two groups run on the same seeds (in
-    the same order), a last column gives the per-seed difference of their gains, mean +- s.e.
+    paired gain with its standard error over the test items (a group of one run shows that paired s.e.,
+    marked "over items"). With two groups run on the same seeds (in the same order), a last column gives
+    the per-seed difference of their gains, mean +- s.e. Then the posecode accuracy per family and body
+    region (POSECODE_GROUPS) and on its informative mentions, each run's a pooled proportion over the
+    mentions, its label giving the mean mention count and the average pose's accuracy over all runs.
+    A last line names the rows that a group's eval jsons lack (runs evaluated before the rows existed).
 
     groups: {label: [run folder, ...]}; each folder holds eval_before.json and eval_after.json."""
     loaded = {}
@@ -638,20 +784,41 @@ def compare_runs(groups: dict) -> str:
     head = "| metric | " + " | ".join(f"{g}: before -> after, gain (s.e. over seeds) [per seed]" for g in labels)
     head += (f" | {labels[1]} - {labels[0]} gain |" if two else " |")
     lines = [head, "|" + " --- |" * (len(labels) + 1 + two)]
-    for key, label, lower_better in COMPARE_KEYS:
+    evals = [r for pairs in loaded.values() for pair in pairs for r in pair]
+
+    def mean(key):  # over every evaluation that has it, or None
+        xs = [r[key] for r in evals if key in r and not math.isnan(r[key])]
+        return sum(xs) / len(xs) if xs else None
+    rows = list(COMPARE_KEYS)
+    for key, name in POSECODE_GROUPS:
+        n, base, n_info = mean(f"{key}/n"), mean(f"{key}/mean_pose_acc"), mean(f"{key}/informative_n")
+        if n:  # a group no caption mentions has no accuracy
+            rows.append((f"{key}/acc", f"posecode accuracy, {name} (%; {n:.0f} mentions"
+                         + (f", avg pose {base:.1f}" if base is not None else "") + ")", False))
+        if n_info:
+            rows.append((f"{key}/informative_acc", f"  informative mentions, {name} (%; {n_info:.0f})", False))
+    lacking = {g: [] for g in labels}
+    family_rows = "posecode accuracy per family and per body region"
+    for g in labels:  # runs evaluated before these rows existed have none of their keys
+        if not all(any(k.startswith("t2p_family/") for k in r) for pair in loaded[g] for r in pair):
+            lacking[g].append(family_rows)
+    for key, label, lower_better in rows:
         cells, gains = [], {}
         for g in labels:
             runs = loaded[g]
             if not all(key in b and key in a for b, a in runs):
                 cells.append("")
+                if not key.startswith(("t2p_family/", "t2p_region/")):
+                    lacking[g].append(label.strip())
                 continue
             per_seed = [_change(b, a, key, 1.0) for b, a in runs]  # (gain, paired s.e. or None)
             gains[g] = [d for d, _ in per_seed]
             mb, _ = _mean_se([b[key] for b, _ in runs])
             ma, _ = _mean_se([a[key] for _, a in runs])
             mg, sg = _mean_se(gains[g])
+            spread = f"{sg:.2f}" if len(runs) > 1 or per_seed[0][1] is None else f"{per_seed[0][1]:.2f} over items"
             seeds = ", ".join(f"{d:+.2f}" + (f" ({se:.2f})" if se is not None else "") for d, se in per_seed)
-            cells.append(f"{mb:.2f} -> {ma:.2f}, {mg:+.2f} ({sg:.2f}) [{seeds}]")
+            cells.append(f"{mb:.2f} -> {ma:.2f}, {mg:+.2f} ({spread}) [{seeds}]")
         row = f"| {label} | " + " | ".join(cells)
         if two:
             if all(g in gains for g in labels):
@@ -660,6 +827,10 @@ def compare_runs(groups: dict) -> str:
             else:
                 row += " | "
         lines.append(row + " |")
+    notes = [f"{g}: {', '.join(what)}" for g, what in lacking.items() if what]
+    if notes:
+        lines += ["", "Rows lacking from the eval jsons (runs evaluated before eval.py reported them, or "
+                  "without that task): " + "; ".join(notes) + "."]
     return "\n".join(lines)
 
 
@@ -802,14 +973,45 @@ def main(argv=None):
     p.add_argument("--smpl_female_path", default="", help="official FEMALE SMPL file, for 3DPW's ground truth")
     p.add_argument("--h36m_regressor", default="", help="J_regressor_h36m.npy for the 14-joint protocol")
     p.add_argument("--bge_path", default="", help="BAAI/bge-m3 folder for the VQA similarity")
-    p.add_argument("--pw3d_root", default="", help="3DPW root (sequenceFiles/, imageFiles/)")
-    p.add_argument("--h36m_npz", default="")
+    p.add_argument("--data", default="", help="poseworld: score PoseWorld's --split (the tiny preset's default); "
+                   "a llava-1.5-7b checkpoint is scored on the real protocols whose paths are given")
+    p.add_argument("--pw3d_root", default="", help="3DPW root (sequenceFiles/, imageFiles/): Table 1")
+    p.add_argument("--h36m_npz", default="", help="Human3.6M TEST file (SPIN / HMR2.0 layout): Table 1")
     p.add_argument("--h36m_images", default="")
+    p.add_argument("--posescript_root", default="", help="PoseScript release folder: Table 2 on its test split")
+    p.add_argument("--amass_root", default="", help="AMASS folder the PoseScript ids point into")
+    # asking the model one thing of one's own instead of scoring a split (section "Ask the model")
+    p.add_argument("--ask", default=None, help="text-to-pose: a caption, wrapped in the prompt the model was "
+                   "trained with")
+    p.add_argument("--image", default="", help="image-to-pose: a picture (PNG; other formats need Pillow)")
+    p.add_argument("--question", default=None, help="free text, with or without --image; the answer has a pose "
+                   "when the model writes <POSE>")
+    p.add_argument("--bbox", default="", help="x,y,w,h: the person's box in --image, pixels (llava-1.5-7b; "
+                   "default: the whole image)")
+    p.add_argument("--samples", type=int, default=1, help="answers to draw (1: greedy text, the pose head's mean)")
+    p.add_argument("--temperature", type=float, default=None, help="text sampling temperature (default: 0 for "
+                   "one answer, 1 for --samples > 1)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max_new_tokens", type=int, default=64, help="the longest answer, in tokens")
     args = p.parse_args(argv)
     if args.limit is not None and args.limit <= 0:
         raise SystemExit(f"--limit={args.limit}: a positive number of test samples, or leave it out for all")
     if args.ckpt.startswith("--") or not os.path.isdir(args.ckpt):
         raise SystemExit(f"--ckpt: no checkpoint folder at {args.ckpt!r}")
+    if args.ask is not None or args.image or args.question is not None:
+        return ask(args)
+    real = [flag for flag, path in (("--pw3d_root", args.pw3d_root), ("--h36m_npz", args.h36m_npz),
+                                    ("--posescript_root", args.posescript_root)) if path]
+    preset = checkpoint_preset(args.ckpt)
+    if args.data not in ("", "poseworld"):
+        raise SystemExit(f"--data={args.data!r}: poseworld, or leave it out and give the real test sets' paths")
+    on_poseworld = args.data == "poseworld" or (preset == "tiny" and not args.data)
+    if preset != "tiny" and not on_poseworld and not real:
+        raise SystemExit(f"{args.ckpt} is a {preset} checkpoint: give the real test sets to score it on "
+                         f"(--pw3d_root, --h36m_npz with --h36m_images, --posescript_root with --amass_root), "
+                         f"or --data=poseworld for a smoke test on the synthetic world")
+    if args.posescript_root and not args.amass_root:
+        raise SystemExit("--posescript_root needs --amass_root (PoseScript's poses are AMASS sequences)")
     device = torch.device(args.device)
     policy, tokenizer, extra = M.load_checkpoint(args.ckpt, llava_path=args.llava_path or None,
                                                  pose_encoder_path=args.pose_encoder_path or None, device=device)
@@ -828,14 +1030,16 @@ def main(argv=None):
         if policy._reference is None:  # an SFT checkpoint: it is its own reference
             policy.freeze_reference()
         embedder = rewards.MeanPoolEmbedder(M.reference_hidden_states(policy), tokenizer, device=device)
-    world = data.PoseWorld(args.split, seed=cfg.get("seed", 0), image_size=cfg.get("image_size", 64))
-    train = data.PoseWorld("train", size=cfg.get("poseworld_size", 6000), seed=cfg.get("seed", 0),
-                           image_size=cfg.get("image_size", 64))
-    baseline_poses = {task: train.poses[train.task_indices(task)] for task in ("i2p", "t2p")}
-    # PoseWorld is made with the built-in skeleton: measure it with the same body (data.py's note)
-    results = evaluate(policy, tokenizer, world, smpl.SMPL().to(device), retrievers, embedder,
-                       limit=args.limit, device=device, baseline_poses=baseline_poses,
-                       agreement_prompts=args.agreement_prompts, G=cfg.get("G", 8))
+    results = {}
+    if on_poseworld:
+        world = data.PoseWorld(args.split, seed=cfg.get("seed", 0), image_size=cfg.get("image_size", 64))
+        train = data.PoseWorld("train", size=cfg.get("poseworld_size", 6000), seed=cfg.get("seed", 0),
+                               image_size=cfg.get("image_size", 64))
+        baseline_poses = {task: train.poses[train.task_indices(task)] for task in ("i2p", "t2p")}
+        # PoseWorld is made with the built-in skeleton: measure it with the same body (data.py's note)
+        results = evaluate(policy, tokenizer, world, smpl.SMPL().to(device), retrievers, embedder,
+                           limit=args.limit, device=device, baseline_poses=baseline_poses,
+                           agreement_prompts=args.agreement_prompts, G=cfg.get("G", 8))
     if args.pw3d_root:
         gt_models = None
         if args.smpl_male_path and args.smpl_female_path and extra_regs:
@@ -850,7 +1054,12 @@ def main(argv=None):
         results.update(evaluate_real_i2p(policy, tokenizer,
                                          data.Human36M(args.h36m_npz, args.h36m_images, images=True),
                                          body_model, "h36m", args.limit, device=device))
-    table = format_comparison(results, title=f"{args.ckpt} on PoseWorld {args.split}")
+    if args.posescript_root:  # Table 2 with the evaluation retriever, which learned PoseScript's train captions
+        results.update(evaluate_real_t2p(policy, tokenizer, data.PoseScript(args.posescript_root, args.amass_root,
+                                                                            split="test"),
+                                         body_model, retrievers["eval"], args.limit, device=device))
+    where = ", ".join(([f"PoseWorld {args.split}"] if on_poseworld else []) + [r[2:].split("_")[0] for r in real])
+    table = format_comparison(results, title=f"{args.ckpt} on {where}")
     out_dir = args.out_dir or args.ckpt
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "eval.json"), "w") as f:
@@ -859,6 +1068,314 @@ def main(argv=None):
         f.write(table + "\n")
     print(table)
     return results
+
+
+def checkpoint_preset(ckpt):
+    """The preset a checkpoint folder was trained with (its config.json), read before any weights."""
+    path = os.path.join(M.checkpoint_dir(ckpt), "config.json")
+    try:
+        meta = json.load(open(path))
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"--ckpt: {path} is not a checkpoint config ({type(e).__name__}: {e})") from None
+    config = (meta.get("extra") or {}).get("config") or {}
+    return config.get("preset") or (meta.get("config") or {}).get("preset", "tiny")
+
+
+# ====================================================================================================
+# Ask the model: a caption, a picture or a question of one's own (not in the paper)
+#
+#   python eval.py --ckpt=out/tiny-rft --ask="The right foot is lifted above the left one."
+#   python eval.py --ckpt=out/tiny-rft --image=photo.png [--question="Is the person sitting?"]
+#   python eval.py --ckpt=out/tiny-rft --ask="..." --samples=8 [--temperature=1 --seed=0]
+#
+# The caption or picture goes into the prompt the model was trained with. One answer is greedy and its
+# pose the Gaussian's mean, as evaluate() takes them; --samples=N draws N answers at --temperature and
+# their poses from the Gaussian, to show the spread of the policy. Everything is checked and computed
+# before anything is written: answer.png, answer.json and answer.npz under --out_dir (default <ckpt>/ask).
+
+ASK_CROP = 256  # side of the person crop of the real loaders (ThreeDPW / Human36M image_size)
+# the camera frame (OpenCV: y down, z forward) to render_poses' body frame (y up, facing +z), so that its
+# "front" view is what the camera saw and its "side" view the depth the picture lost
+CAMERA_TO_VIEW = torch.diag(torch.tensor([1.0, -1.0, -1.0]))  # (3, 3)
+
+
+def ask_task(args) -> str:
+    """"t2p" (--ask), "i2p" (--image alone) or "question" (--question, with or without --image), after
+    the checks that need no model: a bad flag is one message before anything is loaded or written."""
+    if args.ask is not None and (args.image or args.question is not None):
+        raise SystemExit("--ask is a caption to turn into a pose; --image asks for the pose in a picture and "
+                         "--question is free text: give --ask alone, or --image and/or --question")
+    for name, what in (("ask", "caption"), ("question", "question")):
+        if getattr(args, name) is not None and not getattr(args, name).strip():
+            raise SystemExit(f"--{name} is empty: give the {what} to ask")
+    if args.image and not os.path.isfile(args.image):
+        raise SystemExit(f"--image: no file at {args.image!r}")
+    if args.bbox and not args.image:
+        raise SystemExit("--bbox is the person's box in --image: give --image too")
+    if args.samples < 1 or args.max_new_tokens < 1:
+        raise SystemExit(f"--samples={args.samples}, --max_new_tokens={args.max_new_tokens}: both at least 1")
+    if args.temperature is not None and not 0 <= args.temperature < math.inf:
+        raise SystemExit(f"--temperature={args.temperature}: 0 (greedy text) or more")
+    return "t2p" if args.ask is not None else "question" if args.question is not None else "i2p"
+
+
+def parse_bbox(text: str) -> tuple[float, float, float, float]:
+    """--bbox="x,y,w,h" in pixels (top-left corner, width, height) -> 4 floats."""
+    try:
+        x, y, w, h = (float(v) for v in text.split(","))
+    except ValueError:
+        raise SystemExit(f"--bbox={text!r}: give x,y,w,h in pixels, e.g. --bbox=120,40,200,380") from None
+    if not (w > 0 and h > 0):
+        raise SystemExit(f"--bbox={text!r}: the width and height must be positive")
+    return x, y, w, h
+
+
+def ask_prompt(task: str, text: str, sets: str) -> str:
+    """The user's words in a prompt the checkpoint was trained with: PoseScript's or Human3.6M's
+    question when its training data (`sets`, the --data of train_sft.py) held that set, else PoseWorld's
+    first template."""
+    if task == "t2p":
+        template = data.POSESCRIPT_QUESTION if "posescript" in sets else data.T2P_PROMPTS[0]
+        return template.format(caption=text.strip())
+    if task == "i2p":
+        return data.IMAGE_POSE_QUESTION if "h36m" in sets else data.I2P_PROMPTS[0]
+    return text.strip()
+
+
+def ask_image(path: str, preset: str, image_size: int, bbox: str) -> tuple[torch.Tensor, str]:
+    """The picture cut as the model's training images were -> (uint8 (3, S, S), a line saying how).
+
+    llava-1.5-7b: HMR2.0 reads a person crop, so the loaders' rule: the person box (--bbox, else the whole
+    image) grown to the 192:256 aspect (data.hmr2_crop_side), its square cut out with zeros outside the
+    image (data.crop_box), ASK_CROP pixels. tiny: trained on whole PoseWorld renders, so the whole image,
+    padded to a square and resized to their image_size. Grey and RGBA files are read as RGB."""
+    try:
+        image = data.load_image(path)  # (3, H, W)
+    except ImportError:
+        raise SystemExit(f"--image: {path} is not a PNG, and reading other formats needs Pillow: "
+                         "pip install pillow") from None
+    except (OSError, ValueError) as e:  # Pillow's UnidentifiedImageError is an OSError
+        raise SystemExit(f"--image: {path} is not an image that can be read ({e})") from None
+    H, W = image.shape[1:]
+    if preset == "tiny":
+        if bbox:
+            raise SystemExit("--bbox: the tiny preset was trained on whole PoseWorld renders, not person crops; "
+                             "leave --bbox out")
+        crop = data.crop_box(image, (W / 2, H / 2), max(H, W), image_size)  # (3, S, S)
+        return crop, (f"the whole {W} x {H} image, padded to a square and resized to {image_size} x {image_size} "
+                      "like PoseWorld's renders")
+    x, y, w, h = parse_bbox(bbox) if bbox else (0.0, 0.0, float(W), float(H))
+    if x < 0 or y < 0 or x + w > W or y + h > H:
+        raise SystemExit(f"--bbox={bbox}: the box (x {x:g} to {x + w:g}, y {y:g} to {y + h:g}) is not inside the "
+                         f"{W} x {H} image")
+    side = data.hmr2_crop_side(w, h)
+    crop = data.crop_box(image, (x + w / 2, y + h / 2), side, ASK_CROP)  # (3, ASK_CROP, ASK_CROP)
+    box = (f"the person box {x:g},{y:g},{w:g},{h:g}" if bbox else
+           f"no --bbox: the whole {W} x {H} image as the person box")
+    return crop, f"{box}, grown to 192:256 and cut as HMR2.0 crops (a {side:.0f}-pixel square, resized to {ASK_CROP})"
+
+
+@torch.no_grad()
+def ask_policy(policy, tokenizer, batch, n: int, temperature: float, draw: bool, pose_request: bool,
+               max_new_tokens: int, generator) -> tuple[list, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """n answers to the one prompt of `batch` -> (texts, poses (n, 144) rot6d, has_pose (n,), forced (n,)).
+
+    A pose is the Gaussian's mean, or a draw from it when `draw`. An answer without <POSE> has no pose
+    (outside V, Eq. 6); when a pose was asked for (pose_request), the head is still read, at a <POSE>
+    appended to the answer, and the row is marked forced: what the head says, not what the policy did."""
+    policy.eval()
+    rollout = M.sample_policy(policy, batch, n, max_new_tokens, temperature=temperature, generator=generator)
+    pose = (rollout.pose if draw else rollout.mu).clone()  # (n, 144)
+    forced = ~rollout.valid & pose_request  # (n,)
+    pose_id = torch.tensor([policy.config.pose_token_id], device=pose.device)  # (1,)
+    for i in torch.nonzero(forced).flatten().tolist():
+        answer = rollout.tokens[i][rollout.mask[i] & (rollout.tokens[i] != tokenizer.eos_id)]  # (t,) no </s>
+        ids = torch.cat([batch["input_ids"][0], answer, pose_id])[None]  # (1, T) one prompt: no padding
+        at_pose = torch.zeros_like(ids, dtype=torch.bool)  # (1, T)
+        at_pose[0, -1] = True  # read the appended <POSE> only
+        dist = policy(ids, torch.ones_like(ids), batch["clip_pixels"], batch["pose_pixels"], answer_mask=at_pose).pose
+        pose[i] = (dist.sample(generator) if draw else dist.mu)[0]  # (144,)
+    return M.answer_texts(rollout, tokenizer), pose, rollout.valid | forced, forced
+
+
+def caption_posecodes(caption: str, joints: torch.Tensor) -> tuple[list | None, str]:
+    """The posecodes a caption names (data.parse_caption) and, for each pose, whether it has them.
+    joints (n, 24, 3) of the built-in skeleton, which PoseWorld's checker measures. -> (one list of
+    {"family", "asked", "answer", "satisfied"} per pose, or None outside PoseWorld's vocabulary; a line)."""
+    try:
+        parsed = data.parse_caption(caption)
+    except ValueError as e:
+        return None, f"{e}: no posecode check"
+    if parsed is None:
+        return None, ("the caption is outside PoseWorld's vocabulary (not every sentence is one of its caption "
+                      "templates): no posecode check")
+    codes, mentioned = parsed  # (K,), (K,)
+    n = joints.shape[0]
+    share = data.check_posecodes(joints, codes.expand(n, -1), mentioned.expand(n, -1))  # (n,)
+    got = data.posecodes(joints)  # (n, K)
+    named = torch.nonzero(mentioned).flatten().tolist()
+    rows = [[{"family": data.POSECODES[k].name, "asked": data.POSECODES[k].categories[int(codes[k])],
+              "answer": data.POSECODES[k].categories[int(got[i, k])], "satisfied": bool(got[i, k] == codes[k])}
+             for k in named] for i in range(n)]
+    said = (f"the answer satisfies {sum(r['satisfied'] for r in rows[0])}" if n == 1 else
+            f"the answers satisfy {100 * share.mean().item():.0f}% of them on average")
+    return rows, (f"the caption names {len(named)} posecodes (PoseWorld's templates inverted); {said} "
+                  "(data.check_posecodes)")
+
+
+def ask_picture(path: str, joints: torch.Tensor, titles: list, caption: str,
+                image: torch.Tensor | None) -> torch.Tensor:
+    """answer.png: each pose in front and side views (data.render_poses), the picture the model saw on the
+    left, the caption or question wrapped in a band above. joints (n, 24, 3) in the body frame.
+    Returns the picture (3, H, W) uint8."""
+    size, s = 128, 2  # panel side (render_poses' default) and font scale
+    canvas = data.render_poses(joints, path, views=("front", "side"), titles=titles, size=size,
+                               cols=min(len(joints), 4))  # (3, H, W)
+    if image is not None:
+        seen = F.interpolate(image[None].float(), size=(size, size), mode="bilinear",
+                             antialias=True)  # (1, 3, size, size)
+        column = torch.full((3, canvas.shape[1], size), 40, dtype=torch.uint8)  # (3, H, size)
+        column[:, :size] = seen[0].round().clamp(0, 255).to(torch.uint8)
+        canvas = torch.cat([column, canvas], 2)  # (3, H, size + W)
+    lines = textwrap.wrap(caption, (canvas.shape[2] - 6) // (4 * s))  # the bitmap font is 4 s pixels a letter
+    if lines:
+        band = torch.full((3, 7 * s * len(lines) + 3 * s, canvas.shape[2]), 20, dtype=torch.uint8)  # (3, h, W)
+        for r, line in enumerate(lines):
+            data._draw_text(band, line, 2 * s + 7 * s * r, 3, scale=s)
+        canvas = torch.cat([band, canvas], 1)  # (3, h + H, W)
+    data.write_png(path, canvas.permute(1, 2, 0))
+    return canvas
+
+
+def _write_atomic(path: str, write) -> None:
+    """write(f) into a temporary file, then rename: a reader never sees half a file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        write(f)
+    os.replace(tmp, path)
+
+
+def ask(args) -> dict:
+    """Answer one caption (--ask), picture (--image) or question (--question) with text and a pose; print
+    the answer and write answer.png, answer.json and answer.npz. Returns answer.json's record."""
+    task = ask_task(args)
+    meta_path = M.checkpoint_dir(args.ckpt) / "config.json"
+    tok_path = M.checkpoint_dir(args.ckpt) / "tokenizer.json"
+    if not (meta_path.is_file() and tok_path.is_file()):
+        raise SystemExit(f"--ckpt: {args.ckpt} holds no checkpoint (config.json, tokenizer.json, model.safetensors "
+                         "written by train_sft.py / train_rft.py)")
+    try:  # config and tokenizer first: the prompt is checked before the (7B: minutes of) loading
+        meta = json.loads(meta_path.read_text())
+        config = M.PoseLLaVAConfig.from_dict(meta["config"])
+        tokenizer = M.Tokenizer.from_file(str(tok_path))
+    except (ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"--ckpt: {meta_path} is not a Pose-RFT checkpoint ({type(e).__name__}: {e})") from None
+    train_cfg = (meta.get("extra") or {}).get("config", {})
+    image, image_note = None, ""
+    if args.image:
+        image, image_note = ask_image(args.image, config.preset, train_cfg.get("image_size", 64), args.bbox)
+    text = args.ask if task == "t2p" else args.question or ""
+    prompt = ask_prompt(task, text, train_cfg.get("data", "poseworld"))
+    batch = data.collate([{"question": prompt, "image": image}], tokenizer, config.n_image_tokens, config.clip_size,
+                         config.pose_size, for_generation=True)
+    context = config.llava.text_config.max_position_embeddings
+    if batch["input_ids"].shape[1] + args.max_new_tokens > context:
+        what = "caption" if task == "t2p" else "question"
+        raise SystemExit(f"the prompt is {batch['input_ids'].shape[1]} tokens and the answer may take "
+                         f"--max_new_tokens={args.max_new_tokens}: more than the model's context of {context} "
+                         f"tokens; shorten the {what}")
+
+    device = torch.device(args.device)
+    try:
+        policy, tokenizer, extra = M.load_checkpoint(args.ckpt, llava_path=args.llava_path or None,
+                                                     pose_encoder_path=args.pose_encoder_path or None, device=device)
+    except (FileNotFoundError, ValueError, OSError) as e:
+        raise SystemExit(f"--ckpt: {e}") from None
+    refuse_nonfinite_weights(policy)
+    n = args.samples
+    temperature = args.temperature if args.temperature is not None else (1.0 if n > 1 else 0.0)
+    draw = n > 1 or temperature > 0  # else greedy: the most likely text and the Gaussian's mean
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    texts, pose6d, has_pose, forced = ask_policy(policy, tokenizer, data.to_device(batch, device), n, temperature,
+                                                 draw, task != "question", args.max_new_tokens, generator)
+    # SMPL axis-angle (global orientation first), and the joints of exactly those numbers
+    aa = smpl.matrix_to_axis_angle(smpl.rot6d_to_matrix(pose6d.cpu().double().view(n, 24, 6))).float()  # (n, 24, 3)
+    body = smpl.build_body_model(args.smpl_path, "cpu")
+    joints = smpl.pose_joints(aa, body)  # (n, 24, 3) metres
+    has_pose, forced = has_pose.cpu(), forced.cpu()  # (n,), (n,)
+    codes, codes_note = caption_posecodes(args.ask, smpl.pose_joints(aa)) if task == "t2p" else (None, "")
+
+    extra = extra or {}
+    print(f"checkpoint: {args.ckpt} ({config.preset}, {extra.get('stage', '?')} step {extra.get('step', '?')})")
+    print(f"prompt: {prompt}")
+    if image_note:
+        print(f"image: {image_note}")
+    print("greedy: the most likely answer and the pose head's mean" if not draw else
+          f"{n} answer(s) drawn at temperature {temperature:g}, poses drawn from the head's Gaussian "
+          f"(seed {args.seed})")
+    answers = []
+    for i in range(n):
+        hits = sum(c["satisfied"] for c in codes[i]) if codes else 0
+        print(f"answer{f' {i + 1}' if n > 1 else ''}: {texts[i]}"
+              + (f"   [{hits}/{len(codes[i])} posecodes]" if codes and n > 1 else ""))
+        answers.append({"answer": texts[i], "pose": aa[i].tolist() if has_pose[i] else None,
+                        "joints": joints[i].tolist() if has_pose[i] else None, "forced": bool(forced[i])})
+        if codes:
+            answers[-1]["posecodes"] = codes[i]
+    if forced.any():
+        print(f"{int(forced.sum())} of {n} answer(s) have no <POSE> (an undertrained model, or --max_new_tokens too "
+              "short): their pose is the head's, read at a <POSE> appended to the answer (\"forced\": true)")
+    if not has_pose.any():
+        print("no <POSE> in the answer: it carries no pose, so there is nothing to draw")
+    if codes_note:
+        print(codes_note)
+    if codes and n == 1:
+        for c in codes[0]:
+            print(f"  {c['family']}: asked {c['asked']!r}, answer {c['answer']!r}: {'yes' if c['satisfied'] else 'NO'}")
+
+    frame = ("camera: the image's frame (OpenCV: x right, y down, z forward)" if image is not None else
+             "body: y up, facing +z, the body's left +x")
+    record = {"checkpoint": str(args.ckpt), "task": task, "prompt": prompt, "caption": args.ask,
+              "question": args.question, "image": args.image or None, "image_crop": image_note or None,
+              "samples": n, "temperature": temperature, "greedy": not draw, "seed": args.seed,
+              "pose_format": "SMPL axis-angle (24, 3) in radians, global orientation first, SMPL joint order",
+              "frame": frame, "joints_from": args.smpl_path or "smpl.py's built-in skeleton (smpl.SMPL())",
+              "posecodes_note": codes_note or None}
+    record.update(answers[0] if n == 1 else {"answers": answers})
+    titles = [f"{i + 1 if n > 1 else 'answer'}{' forced' if forced[i] else ''}"
+              + (f" {sum(c['satisfied'] for c in codes[i])}/{len(codes[i])} codes" if codes else "") for i in range(n)]
+    write_answer(args.out_dir or os.path.join(args.ckpt, "ask"), record, aa, joints, has_pose, forced, titles,
+                 args.ask or args.question or "", image)
+    return record
+
+
+def write_answer(out_dir: str, record: dict, aa: torch.Tensor, joints: torch.Tensor, has_pose: torch.Tensor,
+                 forced: torch.Tensor, titles: list, text: str, image: torch.Tensor | None) -> None:
+    """answer.json (record), and for the answers with a pose answer.npz and answer.png (ask_picture, the
+    text above, the image on the left). aa, joints (n, 24, 3) in the camera frame when there is an image;
+    has_pose, forced (n,). Each file is written whole or not at all; an answer without any pose removes a
+    previous answer's picture and arrays, which would otherwise pass for its own."""
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {k: os.path.join(out_dir, f"answer.{k}") for k in ("png", "json", "npz")}
+    rows = torch.nonzero(has_pose).flatten().tolist()
+    if rows:
+        view = joints[rows] @ CAMERA_TO_VIEW.T if image is not None else joints[rows]  # (r, 24, 3) body frame
+        ask_picture(paths["png"], view, [titles[i] for i in rows], text, image)
+        nan = torch.full_like(aa, float("nan"))  # (n, 24, 3) where an answer has no pose
+        arrays = {"pose": torch.where(has_pose[:, None, None], aa, nan).numpy(),
+                  "joints": torch.where(has_pose[:, None, None], joints, nan).numpy(),
+                  "forced": forced.numpy(), "has_pose": has_pose.numpy()}
+        if len(has_pose) == 1:  # one answer: the shapes of answer.json, (24, 3)
+            arrays = {k: v[0] for k, v in arrays.items()}
+        _write_atomic(paths["npz"], lambda f: np.savez(f, **arrays))
+    else:
+        for k in ("png", "npz"):
+            if os.path.exists(paths[k]):
+                os.remove(paths[k])
+    _write_atomic(paths["json"], lambda f: f.write(json.dumps(record, indent=1).encode()))
+    shown = ["front and side views of each pose"] + (["the picture the model saw on the left"] if image is not None
+                                                     else []) + (["the text asked above"] if text else [])
+    print(f"wrote {paths['json']}" + (f", {paths['npz']} and {paths['png']} ({', '.join(shown)})" if rows else ""))
 
 
 # ====================================================================================================

@@ -2919,9 +2919,10 @@ def check_config(cfg):
     return cfg
 
 
-def apply_overrides(cfg, argv):
-    """nanoGPT-style `--key=value` overrides of a config dataclass, typed by the field's default."""
+def parse_overrides(cfg, argv) -> dict:
+    """nanoGPT-style `--key=value` flags -> {key: value}, each typed by the config field's default."""
     kinds = {f.name: type(getattr(cfg, f.name)) for f in fields(cfg)}
+    flags = {}
     for arg in argv:
         if not arg.startswith("--") or "=" not in arg:
             raise SystemExit(f"bad argument {arg!r}: use --key=value (keys: {', '.join(kinds)})")
@@ -2932,14 +2933,216 @@ def apply_overrides(cfg, argv):
         if t is bool:
             if value.lower() not in ("1", "0", "true", "false", "yes", "no"):
                 raise SystemExit(f"--{key} takes true/false, got {value!r}")
-            parsed = value.lower() in ("1", "true", "yes")
+            flags[key] = value.lower() in ("1", "true", "yes")
         else:
             try:
-                parsed = t(value)
+                flags[key] = t(value)
             except ValueError:
                 raise SystemExit(f"--{key} takes a {t.__name__}, got {value!r}") from None
-        setattr(cfg, key, parsed)
+    return flags
+
+
+def apply_overrides(cfg, argv):
+    """Set the `--key=value` flags on cfg as they are (no preset recipe: see resolve_config)."""
+    for key, value in parse_overrides(cfg, argv).items():
+        setattr(cfg, key, value)
     return cfg
+
+
+# ----------------------------------------------------------------------------------------------------
+# Presets own their recipes
+#
+# A config dataclass's defaults are the tiny preset's recipe. `--preset=llava-1.5-7b` replaces every
+# setting that preset's recipe names (the paper's value where the paper states one, a cited choice where
+# it is silent) before the command line's flags, so no value tuned for the tiny world reaches a 7B run
+# unless a flag asks for it. Each script lists the settings no preset changes (PRESET_FREE); a test
+# checks that every other setting is in the 7B recipe.
+
+
+def resolve_config(cfg, argv, recipes):
+    """A run's config in three layers: cfg's defaults (the tiny preset), then recipes[preset] ({field:
+    (value, source)}) for the preset the command line names, then the command line's flags.
+    Returns (cfg, sources): where each setting came from, "flag", the recipe's source ("paper: Table 4",
+    "choice: ...") or "default" (the tiny preset's value, or a setting no preset changes)."""
+    flags = parse_overrides(cfg, argv)
+    preset = flags.get("preset", cfg.preset)
+    if preset not in PRESETS:
+        raise SystemExit(f"--preset={preset!r}: allowed {', '.join(PRESETS)}")
+    sources = {f.name: "default" for f in fields(cfg)}
+    for key, (value, source) in recipes.get(preset, {}).items():
+        setattr(cfg, key, value)
+        sources[key] = source
+    for key, value in flags.items():
+        setattr(cfg, key, value)
+        sources[key] = "flag"
+    return cfg, sources
+
+
+def format_config(cfg, sources=None) -> str:
+    """The start-up print of a config: one setting a line, with where its value came from."""
+    sources = sources or {}
+    width = max(len(f.name) for f in fields(cfg))
+    lines = []
+    for f in fields(cfg):
+        value = json.dumps(getattr(cfg, f.name))
+        source = sources.get(f.name, "default")
+        lines.append(f"  {f.name:<{width}} = {value:<24}" + ("" if source == "default" else f"  [{source}]"))
+    return "\n".join(lines)
+
+
+def batch_split(batch_size, micro_batch, world_size):
+    """Table 4's batch is global: (samples per rank per forward pass, accumulation steps) that make one
+    optimiser step see batch_size samples on any world size. micro_batch 0 = the whole per-rank share
+    in one pass. A world size that does not divide the batch (or a micro-batch that does not divide a
+    rank's share) is refused, so one GPU and eight train the same recipe."""
+    if batch_size % world_size:
+        raise SystemExit(f"--batch_size={batch_size} (global) does not divide among {world_size} processes; "
+                         f"choose a world size that divides it, or another --batch_size")
+    share = batch_size // world_size
+    micro = min(micro_batch or share, share)  # a micro-batch larger than the share: one pass
+    if share % micro:
+        raise SystemExit(f"--micro_batch={micro_batch} does not divide each process's share of the batch "
+                         f"({batch_size} / {world_size} = {share})")
+    return micro, share // micro
+
+
+REAL_DATA_PATHS = {"posescript": ("posescript_root", "amass_root"), "h36m": ("h36m_npz", "h36m_images"),
+                   "llava_instruct": ("llava_instruct_json", "coco_images")}
+
+
+def check_preset_inputs(cfg, script):
+    """Before any weights are read: the 7B preset needs its model files and real data. PoseWorld with the
+    7B preset (a smoke test) only when --data=poseworld was asked for by name; a missing path is one
+    message naming every flag it needs."""
+    if cfg.preset == "tiny":
+        return
+    missing = [f"--{name}" for name in ("llava_path", "pose_encoder_path", "smpl_path") if not getattr(cfg, name)]
+    names = [n.strip() for n in cfg.data.split(",") if n.strip()]
+    for name in names:
+        missing += [f"--{field}" for field in REAL_DATA_PATHS.get(name, ()) if not getattr(cfg, field)]
+    gone = [f"--{f}={getattr(cfg, f)}" for f in ("llava_path", "pose_encoder_path", "smpl_path")
+            + sum((REAL_DATA_PATHS.get(n, ()) for n in names), ()) if getattr(cfg, f)
+            and not os.path.exists(getattr(cfg, f))]
+    if missing or gone:
+        raise SystemExit(
+            f"{script} --preset={cfg.preset} trains on real data (--data={cfg.data}) with real model files:\n"
+            + (f"  missing: {' '.join(missing)}\n" if missing else "")
+            + (f"  not found: {' '.join(gone)}\n" if gone else "")
+            + "  (a smoke test on the synthetic world instead: --data=poseworld; the README lists the files)")
+    if names == ["poseworld"]:
+        print0(f"--preset={cfg.preset} on PoseWorld, as asked (--data=poseworld): a smoke test, not the paper's data")
+
+
+def check_same_preset(saved_config, cfg, where):
+    """A checkpoint made with another preset than --preset is refused with both names (the tiny SFT model
+    is never taken for a 7B run, or the other way round)."""
+    saved = (saved_config or {}).get("preset")
+    if saved is not None and saved != cfg.preset:
+        raise SystemExit(f"{where} was made with --preset={saved}, but this run has --preset={cfg.preset}: "
+                         f"point it at a checkpoint of the {cfg.preset} preset (or pass --preset={saved})")
+
+
+# ----------------------------------------------------------------------------------------------------
+# The departures table: the single source of where a run departs from the paper
+#
+# One row a setting. `value(cfg)` reads the run's config (an SFTConfig for stage "sft", an RFTConfig for
+# "rft") and returns what the run does there, or None where it follows the paper. The README's table is
+# generated from these rows (tests/test_real_preset.py checks it), each run prints the rows of its own
+# config at start and at the foot of results.md, and the code's comments point here.
+
+
+@dataclass(frozen=True)
+class Departure:
+    stage: str                         # "sft" or "rft": which script's config value() reads
+    setting: str
+    paper: str                         # the paper's value, or "not stated"
+    value: typing.Callable             # cfg -> str, or None where the run follows the paper
+    why: str
+    measured: str = ""                 # what it buys, over seeds 0-2 where measured (docs/experiments.md)
+
+
+def _tiny(text):
+    return lambda cfg: text if cfg.preset == "tiny" else None
+
+
+def _data_sets(cfg):
+    names = [n.strip() for n in cfg.data.split(",") if n.strip()]
+    if "poseworld" in names:
+        return "PoseWorld (synthetic, built in)"
+    return ", ".join(names) + " (no MPI-INF-3DHP, COCO, MPII, BEDLAM-Script)"
+
+
+DEPARTURES = [
+    Departure("sft", "model", "LLaVA-1.5-7B + HMR2.0 ViT-H, pretrained", _tiny("1.9M-parameter Llama / CLIP / pose ViT from scratch, own BPE"),
+              "no weights can be downloaded here, and a 2-core CPU must run both stages in minutes"),
+    Departure("sft", "training data", "PoseScript, H3.6M, MPI-INF-3DHP, COCO, MPII, BEDLAM-Script, LLaVA-Instruct",
+              _data_sets, "no data set can be downloaded here; BEDLAM-Script has no public file format"),
+    Departure("sft", "pose-ViT pretraining", "HMR2.0's (millions of images)",
+              lambda c: f"{c.pretrain_steps} steps on PoseWorld images" if c.preset == "tiny" and c.pretrain_steps else None,
+              "stand-in for HMR2.0's pretraining; without it f_b learns from a few thousand answers",
+              "seeds 0, 1 (3000 SFT steps): image-to-pose 187.7 -> 155.3 and 185.7 -> 168.5 mm"),
+    Departure("sft", "trained in SFT", "LoRA, W_a, W_b, pose head (CLIP and pose ViT frozen)",
+              _tiny("everything (LLM, CLIP, pose ViT too)"), "a model trained from scratch has no frozen base to keep"),
+    Departure("sft", "SFT batch, lr, steps", "80, 3e-4, 10000 (Table 4)",
+              lambda c: None if (c.batch_size, c.lr, c.max_steps) == (80, 3e-4, 10000)
+              else f"{c.batch_size}, {c.lr:g}, {c.max_steps}", "sized to the tiny world and a 2-core CPU"),
+    Departure("sft", "SFT schedule", "cosine (floor, warm-up not stated)",
+              lambda c: f"floor {c.min_lr_ratio:g} x lr, {c.warmup_steps} warm-up steps" if c.min_lr_ratio else None,
+              "a floor keeps the last steps of a short run learning"),
+    Departure("sft", "SFT losses", "Eq. 2's likelihood (weights not stated)",
+              lambda c: f"CE {c.ce_weight:g} + NLL {c.nll_weight:g} + joint {c.joint_weight:g}"
+              + (f", beta-NLL {c.nll_beta:g}" if c.nll_beta else "") + (", mean-only head" if c.deterministic_head else ""),
+              "the NLL sums 144 numbers; the SMPL joint term gives the mean a metric target"),
+    Departure("sft", "retrievers", "PoseScript's retrieval model (training not stated)",
+              lambda c: "two, on disjoint caption halves" + (", PoseWorld twins as hard negatives"
+                                                             if c.retriever_hard_negatives and "poseworld" in c.data else ""),
+              "the eval retriever never shaped the reward (Table 6's check); twins teach the codes",
+              "hard negatives: checker agreement 0.245 -> 0.311 (seed 0); RFT posecode gain +0.48 -> +1.11 (3 seeds)"),
+    Departure("rft", "trained in RFT", "LoRA, W_a, W_b, pose head, <POSE> rows (Sec. 4.1)",
+              _tiny("also the whole LLM (no LoRA)"), "the tiny LLM was trained from scratch in SFT; its adapters would be fresh"),
+    Departure("rft", "RFT batch, lr, steps", "16 prompts, 1e-6, 1000 (Table 4)",
+              lambda c: None if (c.batch_size, c.lr, c.max_steps) == (16, 1e-6, 1000)
+              else f"{c.batch_size} prompts, {c.lr:g}, {c.max_steps}",
+              "1e-6 moves a from-scratch tiny model by nothing in 300 steps", "150 x 8 prompts: no metric moved beyond noise"),
+    Departure("rft", "RFT schedule", "cosine (floor, warm-up not stated)",
+              lambda c: f"floor {c.min_lr_ratio:g} x lr, {c.warmup_steps} warm-up steps" if c.min_lr_ratio else None,
+              "as SFT"),
+    Departure("rft", "RFT task mix", "not stated (7B preset: the three tasks alike)",
+              lambda c: c.task_mix if c.preset == "tiny" and c.task_mix else None,
+              "SFT's thirds give too few text-to-pose prompts for the semantic reward"),
+    Departure("rft", "pose samples per answer", "1 (Eq. 6)",
+              lambda c: f"{c.pose_samples} (G x {c.pose_samples} poses a prompt)" if c.pose_samples > 1 else None,
+              "poses are cheap to draw once the answer is decoded; more of them steady Delta_hat",
+              "32 against 8: posecode +0.7 (0.2), recall +2.1 (0.3), same MPJPE"),
+    Departure("rft", "pose KL", "one beta, estimator not stated (GRPO: k3)",
+              lambda c: ", ".join(x for x in ("closed form (exact)" if c.pose_kl == "exact" else "",
+                                               f"beta {c.beta_i2p:g} on image-to-pose prompts, {c.beta:g} elsewhere"
+                                               if c.beta_i2p != c.beta else "") if x) or None,
+              "k3 at one sample random-walked; image-to-pose drifted under the text prompts' beta",
+              "beta_i2p 1.0: image-to-pose MPJPE +0.3 mm against +1.7, posecode +3.2 both"),
+    Departure("rft", "reward gradient at the mean", "none (Eq. 6 alone)",
+              lambda c: f"weight {c.joint_pathwise:g}" if c.joint_pathwise and c.algo == "hygrpo" else None,
+              "the likelihood-ratio term alone let image-to-pose drift",
+              "MPJPE -0.33 mm against +0.27 without; posecode +3.4 against +4.0"),
+    Departure("rft", "text reward's embedder", "BGE-M3 (Eq. 10)",
+              lambda c: None if c.bge_path else "mean-pooled hidden states of the frozen reference LLM",
+              "no BGE-M3 files here (pass --bge_path to use them)"),
+]
+
+
+def departures(cfg, stage):
+    """[(setting, paper, this run's value, why, measured)] where cfg departs from the paper."""
+    return [(d.setting, d.paper, v, d.why, d.measured) for d in DEPARTURES
+            if d.stage == stage and (v := d.value(cfg)) is not None]
+
+
+def format_departures(rows, title="where this run departs from the paper") -> str:
+    """A compact table of departures(...) rows for the start-up print and the foot of results.md."""
+    if not rows:
+        return f"{title}: nowhere (the paper's recipe)"
+    lines = [f"{title} (README, 'Departures'):", "| setting | paper | this run | why |", "| --- | --- | --- | --- |"]
+    lines += [f"| {s} | {p} | {v} | {w} |" for s, p, v, w, _ in rows]
+    return "\n".join(lines)
 
 
 def setup_distributed(device_name="auto"):

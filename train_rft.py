@@ -20,11 +20,9 @@ Launch:
     python train_rft.py --algo=grpo --out_dir=out/grpo     # discrete-only GRPO baseline (Fig. 4)
     python train_rft.py --rewards=joint:1,semantic:1,format:0,text:1   # an ablation of Table 5
     torchrun --standalone --nproc_per_node=2 train_rft.py  # two processes (gloo on CPU)
-    torchrun --standalone --nproc_per_node=8 train_rft.py --preset=llava-1.5-7b --sft_dir=out/7b-sft \
-        --llava_path=/models/llava-1.5-7b-hf --pose_encoder_path=/models/hmr2.ckpt \
-        --smpl_path=/models/SMPL_NEUTRAL.pkl --bge_path=/models/bge-m3 --lr=1e-6 --batch_size=2 \
-        --max_steps=1000 --dtype=bfloat16 --beta=0.04 --beta_i2p=0.04 --joint_pathwise=0 --pose_kl=k3 \
-        --pose_samples=1  # the paper's
+    torchrun --standalone --nproc_per_node=8 train_rft.py --preset=llava-1.5-7b --sft_dir=out/llava-1.5-7b-sft --out_dir=out/llava-1.5-7b-rft $MODELS $DATA $TESTS --bge_path=/models/bge-m3
+        # the paper's recipe on the real data: $MODELS, $DATA and $TESTS as README.md ('Using the real
+        # weights') sets them; the same line is there, and tests/test_readme_commands.py runs it
 A run killed mid-way continues with `--resume=true` (same out_dir) from its last checkpoint, with the
 same step, optimiser, schedule, RNG and data position.
 """
@@ -68,30 +66,25 @@ class RFTConfig:
     algo: str = "hygrpo"              # "grpo" = discrete-only baseline of Fig. 4 (no pose-policy gradient)
     rewards: str = "joint:1,semantic:1,format:1,text:1"  # name:weight; weight 0 removes a reward (Table 5)
     reward_retriever: str = "reward"  # the semantic reward's retriever; "eval" breaks Table 6's check (exercise)
-    G: int = 8                        # candidates per prompt
-    pose_samples: int = 32            # M poses per answer (not in the paper, note 16): 256 poses a prompt, cheap;
-    # with beta_i2p 1.0, 3 seeds: +0.7 (s.e. 0.2) posecode points, +2.1 (0.3) recall over 8, the same MPJPE (README)
-    batch_size: int = 16              # prompts per rank per step (Table 4: 16 in all); tiny: 8 was too few (README)
-    task_mix: str = "t2p:6,i2p:2,vqa:1"  # PoseWorld RFT prompts; "" = SFT's thirds: too few t2p (README)
-    max_steps: int = 300              # tiny: 300 x 16 prompts; at 150 x 8 no metric moved beyond noise (README)
+    G: int = 8                        # answers per prompt
+    pose_samples: int = 32            # poses per answer (not in the paper: README, 'Departures'); cheap to draw
+    batch_size: int = 16              # GLOBAL prompts per step over all processes (Table 4's 16); tiny: 8 was too few
+    micro_batch: int = 0              # prompts per process per sampling pass; 0 = its whole share (no accumulation)
+    task_mix: str = "t2p:6,i2p:2,vqa:1"  # the RFT prompts' tasks; "" = the SFT data's own proportions
+    max_steps: int = 300              # tiny: 300 x 16 prompts (README, 'Departures')
     inner_epochs: int = 1             # policy updates per sampled batch (the old policy stays the sampler)
     clip_eps: float = 0.2             # epsilon of the clipped ratios
     # inner_epochs = 1: the policy that is scored IS the sampler, every ratio is exactly 1, and clip_eps
     # never acts (only the ratios' gradients matter; hygrpo.py notes 1, 15). Clipping needs >= 2.
-    beta: float = 0.05                # KL to pi_ref; tiny, 3 seeds of the earlier SFT: posecode +2.8 at 0.05, +1.9 at 0.1
-    # (README); from today's SFT with one beta, 8 poses, 3 seeds: +3.2 at 0.05, +1.5 at 0.1 (MPJPE +1.7, +1.4 mm)
-    beta_i2p: float = 1.0             # the pose KL's weight on image-to-pose prompts (hygrpo.py note 18; not in
-    # the paper: --beta_i2p=--beta is its one beta); tiny, 3 seeds: MPJPE +0.3 mm against +1.7, posecode +3.2 both
-    joint_pathwise: float = 3.0       # the joint reward's gradient at the mean (hygrpo.py note 19; not in the
-    # paper: 0 is the paper); 3 seeds, 800-step retrievers: MPJPE -0.33 mm against +0.27 without, posecode +3.4
-    # against +4.0; with 600-step ones -0.29 mm and +3.1, and in the final code's draw -0.78 mm and +3.5 (README)
+    beta: float = 0.05                # KL to pi_ref; tiny: more of the posecode gain than at 0.1 (docs/experiments.md)
+    beta_i2p: float = 1.0             # the pose KL's weight on image-to-pose prompts (hygrpo.py note 18); = beta: Eq. 6
+    joint_pathwise: float = 3.0       # the joint reward's gradient at the mean (hygrpo.py note 19); 0: Eq. 6
     pose_kl: str = "exact"            # pose KL: closed form ("exact", note 12), or GRPO's "k3" at the sample
     temperature: float = 1.0          # sampling temperature of the text policy
     top_p: float = 1.0
     max_new_tokens: int = 24
-    # optimisation (Table 4, right column, for llava-1.5-7b: lr 1e-6, 1000 steps, cosine, AdamW)
-    lr: float = 1e-4                  # tiny; held by the exact KL (with k3 at beta 0.04 it random-walked: README)
-    # one beta, 8 poses, 3 seeds: 1e-5 kept image-to-pose (+0.5 mm against +1.7) for posecode +1.2 against +3.2
+    # optimisation (the tiny preset's; llava-1.5-7b takes Table 4's from RECIPES below)
+    lr: float = 1e-4                  # tiny; 1e-6 moves the from-scratch tiny model by nothing in 300 steps
     min_lr_ratio: float = 0.1
     warmup_steps: int = 10
     weight_decay: float = 0.0
@@ -108,6 +101,12 @@ class RFTConfig:
     h36m_images: str = ""
     llava_instruct_json: str = ""
     coco_images: str = ""
+    # real test protocols of the before/after evaluation (each skipped, and said so, when its path is empty)
+    h36m_test_npz: str = ""           # Human3.6M TEST file (--h36m_npz is the training one, never evaluated on)
+    h36m_regressor: str = ""          # J_regressor_h36m.npy for the 14-joint protocol
+    pw3d_root: str = ""               # 3DPW root (sequenceFiles/, imageFiles/)
+    smpl_male_path: str = ""          # SMPL male / female files for 3DPW's ground truth (else reported as approximate)
+    smpl_female_path: str = ""
     # real weights
     llava_path: str = ""
     pose_encoder_path: str = ""
@@ -122,6 +121,51 @@ class RFTConfig:
     allow_unfinished_sft: bool = False  # start from an SFT run that stopped before its max_steps (else refused)
     gallery_every: int = 25           # a pose gallery and the reward curves every N steps
     num_threads: int = 0
+
+
+# The llava-1.5-7b preset's recipe, {setting: (value, where it comes from)}: it replaces RFTConfig's tiny
+# defaults before the command line's flags. Every setting is here but those in PRESET_FREE, so no value
+# tuned for the tiny world reaches a 7B run unless a flag asks for it (tests/test_real_preset.py).
+# Sec. 4.1: "Reinforcement fine-tuning follows the settings of Visual-RFT and VLM-R1", which run GRPO as
+# DeepSeekMath defines it: G = 8, beta = 0.04, the k3 KL estimator, epsilon = 0.2, one update per batch.
+RECIPES = {"llava-1.5-7b": {
+    "sft_dir": ("out/llava-1.5-7b-sft", "choice: train_sft.py's 7B folder"),
+    "out_dir": ("out/llava-1.5-7b-rft", "choice: the preset's own folder"),
+    "dtype": ("bfloat16", "choice: a 7B model does not train in float32 on an 80 GB A800"),
+    "activation_checkpointing": (True, "choice: memory for G candidates a prompt"),
+    "rewards": ("joint:1,semantic:1,format:1,text:1", "paper: Sec. 3.3's four rewards (weights not stated)"),
+    "G": (8, "choice: not stated; VLM-R1's 8 generations a prompt"),
+    "pose_samples": (1, "paper: Eq. 6, one pose an answer"),
+    "batch_size": (16, "paper: Table 4 (global), read as prompts (Algorithm 1's batch), 8 answers each"),
+    "micro_batch": (2, "choice: 2 prompts (16 answers) a GPU; 8 GPUs in one pass, fewer accumulate"),
+    "task_mix": ("t2p:1,i2p:1,vqa:1", "choice: not stated; the three tasks alike"),
+    "max_steps": (1000, "paper: Table 4"),
+    "inner_epochs": (1, "choice: not stated; GRPO's one update per batch"),
+    "clip_eps": (0.2, "choice: not stated; GRPO's (DeepSeekMath) epsilon"),
+    "beta": (0.04, "choice: not stated; GRPO's (DeepSeekMath) beta"),
+    "beta_i2p": (0.04, "paper: Eq. 6's one beta"),
+    "joint_pathwise": (0.0, "paper: Eq. 6 alone"),
+    "pose_kl": ("k3", "choice: not stated; GRPO's k3 estimator"),
+    "temperature": (1.0, "choice: not stated; VLM-R1's"),
+    "top_p": (1.0, "choice: not stated; no nucleus cut"),
+    "max_new_tokens": (256, "choice: room for a LLaVA-Instruct answer"),
+    "lr": (1e-6, "paper: Table 4"),
+    "min_lr_ratio": (0.0, "paper: Table 4, cosine (to 0)"),
+    "warmup_steps": (0, "choice: not stated; none"),
+    "weight_decay": (0.0, "choice: not stated"),
+    "beta1": (0.9, "paper: Table 4"),
+    "beta2": (0.95, "paper: Table 4"),
+    "grad_clip": (1.0, "choice: not stated"),
+    "data": ("posescript,h36m,llava_instruct", "paper: Sec. 4.1, the sets with a loader here"),
+    "save_every": (50, "choice: a 7B step is slow"),
+    "gallery_every": (50, "choice"),
+}}
+# Settings no preset changes: run bookkeeping, paths, baselines and what only PoseWorld reads.
+PRESET_FREE = {"preset", "sft_overrides", "resume", "seed", "device", "algo", "reward_retriever", "poseworld_size",
+               "image_size", "posescript_root", "amass_root", "h36m_npz", "h36m_images", "llava_instruct_json",
+               "coco_images", "h36m_test_npz", "h36m_regressor", "pw3d_root", "smpl_male_path", "smpl_female_path",
+               "llava_path", "pose_encoder_path", "smpl_path", "bge_path", "eval", "eval_size",
+               "agreement_prompts", "stop_after", "allow_unfinished_sft", "num_threads"}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -186,16 +230,17 @@ def joint_pathwise(pose, cands, R_c, in_V, G, w_joint, body_model, ctx, V_norm, 
     return J_path, r.mean().item()
 
 
-def hygrpo_step(policy, opt, params, batch, cfg, ctx, weights, body_model, tokenizer, generator, world_size):
-    """Algorithm 1, lines 6-9, for one batch. Returns the metrics of the step (floats)."""
-    timings = {}
+def score_batch(policy, batch, cfg, ctx, weights, body_model, tokenizer, generator):
+    """Algorithm 1, lines 6-8, for one micro-batch of prompts: G answers each, with cfg.pose_samples poses
+    an answer (note 16), their rewards, the group-relative advantages (Eq. 16) and pi_ref's scores.
+    Returns a dict of what the update needs."""
     t0 = time.time()
     # line 6: G outputs {a_i, p_i} ~ pi_theta(. | q) for each q (G x pose_samples poses, note 16)
     policy.eval()  # no dropout while sampling
     rollout = M.sample_policy(policy, batch, cfg.G, cfg.max_new_tokens, cfg.temperature, cfg.top_p, generator,
                               pose_samples=cfg.pose_samples)
     G = rollout.G  # candidates per prompt: cfg.G answers x cfg.pose_samples poses each
-    timings["t_sample"] = time.time() - t0
+    t_sample = time.time() - t0
 
     # line 7: rewards; R_d scores the text a_i, R_c the pose p_i
     t0 = time.time()
@@ -206,48 +251,80 @@ def hygrpo_step(policy, opt, params, batch, cfg, ctx, weights, body_model, token
     in_V = pose_scored(rollout.valid, cands.task)  # (N,) poses of pose tasks (note 13)
     Delta_hat = hygrpo.group_advantages(R_c, valid=in_V, G=G)  # (N,) 0 outside V
     beta_c = pose_kl_weights(cands.task, cfg, rollout.valid.device)  # (N,) beta, or beta_i2p (note 18)
-    N_norm, V_norm = global_normalisers(len(in_V), int(in_V.sum()), world_size, rollout.valid.device)
     with torch.no_grad(), policy.reference():  # pi_ref = pi_init: frozen copies of every RFT-trained tensor
         ref = M.policy_logprobs(policy, rollout)  # (N, Tn) logprobs, (N,) pose_logprobs, (N, 144) Gaussians
-    timings["t_score"] = time.time() - t0
+    return dict(rollout=rollout, G=G, cands=cands, R_d=R_d, R_c=R_c, per_reward=per_reward, F_hat=F_hat,
+                in_V=in_V, Delta_hat=Delta_hat, beta_c=beta_c, ref=ref, t_sample=t_sample,
+                t_score=time.time() - t0)
+
+
+def hygrpo_step(policy, opt, params, batches, cfg, ctx, weights, body_model, tokenizer, generator, world_size):
+    """Algorithm 1, lines 6-9, for one step: `batches` are this rank's micro-batches of prompts (one,
+    unless the global batch is accumulated: model.batch_split). Every micro-batch is sampled and scored
+    before the first update, so each is scored by the same old policy. Returns the step's metrics."""
+    if not isinstance(batches, (list, tuple)):
+        batches = [batches]
+    parts = [score_batch(policy, batch, cfg, ctx, weights, body_model, tokenizer, generator) for batch in batches]
+    device = parts[0]["in_V"].device
+    N_norm, V_norm = global_normalisers(sum(len(p["in_V"]) for p in parts), sum(int(p["in_V"].sum()) for p in parts),
+                                        world_size, device)
 
     # line 9: maximise Eq. 6 (minimise its negative), inner_epochs times on the same samples
     t0 = time.time()
     policy.train()
-    old_logp = old_pose_logp = None
     for _ in range(cfg.inner_epochs):
-        cur = M.policy_logprobs(policy, rollout)  # with gradients
-        logp, pose_logp = cur.logprobs, cur.pose_logprobs  # (N, Tn), (N,)
-        if old_logp is None:  # the old policy is the sampler: the parameters before any update
-            old_logp, old_pose_logp = logp.detach(), pose_logp.detach()
-        exact_kl = hygrpo.gaussian_kl(cur.pose.mu, cur.pose.log_std, ref.pose.mu, ref.pose.log_std)  # (N,)
-        loss, stats = hygrpo.hygrpo_loss(logp, old_logp, ref.logprobs, rollout.mask, F_hat, pose_logp,
-                                         old_pose_logp, ref.pose_logprobs, Delta_hat, in_V,
-                                         clip_eps=cfg.clip_eps, beta=cfg.beta,
-                                         discrete_only=cfg.algo == "grpo",
-                                         pose_kl=exact_kl if cfg.pose_kl == "exact" else None,
-                                         N_norm=N_norm, V_norm=V_norm, beta_c=beta_c)
-        if pathwise_on(cfg, weights):  # note 19
-            J_path, stats["joint_at_mean"] = joint_pathwise(cur.pose, cands, R_c, in_V, G, weights["joint"],
-                                                            body_model, ctx, V_norm, rollout.pose_samples)
-            loss = loss - cfg.joint_pathwise * J_path
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        total = 0.0
+        for p in parts:
+            rollout, ref, in_V = p["rollout"], p["ref"], p["in_V"]
+            cur = M.policy_logprobs(policy, rollout)  # with gradients
+            logp, pose_logp = cur.logprobs, cur.pose_logprobs  # (N, Tn), (N,)
+            if "old_logp" not in p:  # the old policy is the sampler: the parameters before any update
+                p["old_logp"], p["old_pose_logp"] = logp.detach(), pose_logp.detach()
+            exact_kl = hygrpo.gaussian_kl(cur.pose.mu, cur.pose.log_std, ref.pose.mu, ref.pose.log_std)  # (N,)
+            loss, stats = hygrpo.hygrpo_loss(logp, p["old_logp"], ref.logprobs, rollout.mask, p["F_hat"], pose_logp,
+                                             p["old_pose_logp"], ref.pose_logprobs, p["Delta_hat"], in_V,
+                                             clip_eps=cfg.clip_eps, beta=cfg.beta,
+                                             discrete_only=cfg.algo == "grpo",
+                                             pose_kl=exact_kl if cfg.pose_kl == "exact" else None,
+                                             N_norm=N_norm, V_norm=V_norm, beta_c=p["beta_c"])
+            if pathwise_on(cfg, weights):  # note 19
+                J_path, stats["joint_at_mean"] = joint_pathwise(cur.pose, p["cands"], p["R_c"], in_V, p["G"],
+                                                                weights["joint"], body_model, ctx, V_norm,
+                                                                rollout.pose_samples)
+                loss = loss - cfg.joint_pathwise * J_path
+            loss.backward()  # each micro-batch's sums are already divided by the global N and V
+            total += loss.item()
+            p["stats"], p["exact_kl"] = stats, exact_kl
         average_gradients(params, world_size)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item()
-        check_finite_update(loss.item(), grad_norm, cfg)
+        check_finite_update(total, grad_norm, cfg)
         opt.step()
-    timings["t_update"] = time.time() - t0
+    t_update = time.time() - t0
+    metrics = [part_metrics(p, weights) for p in parts]
+    metrics = {k: nan_mean([m[k] for m in metrics]) for k in metrics[0]}  # over micro-batches
+    return {**metrics, "grad_norm": grad_norm, "t_update": t_update}
+
+
+def nan_mean(xs):
+    """The mean of the finite numbers among xs (a micro-batch without a task's prompt says NaN); NaN if none."""
+    xs = [x for x in xs if x == x]
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def part_metrics(p, weights):
+    """One micro-batch's metrics (floats): the loss's stats, the rewards' means per task, timings."""
+    in_V = p["in_V"]
 
     def valid_mean(x):  # mean over the candidates in V (poses of pose tasks); 0 when there are none
         return x.detach()[in_V].mean().item() if in_V.any() else 0.0
 
-    metrics = {**stats, "kl_c_exact": valid_mean(exact_kl),  # beside kl_c, whichever KL the loss used
-               "grad_norm": grad_norm, **timings, "R_d": R_d.mean().item(), "R_c": valid_mean(R_c),
-               "F_hat_abs": F_hat.abs().mean().item(), "Delta_hat_abs": Delta_hat.abs().mean().item(),
-               "log_std": valid_mean(rollout.log_std)}
-    metrics["agree_semantic_checker"] = semantic_checker_agreement(cands, per_reward, G)
-    means = rewards.reward_means(cands, per_reward)  # {"name/task": mean over the candidates it scored}
+    metrics = {**p["stats"], "kl_c_exact": valid_mean(p["exact_kl"]),  # beside kl_c, whichever KL the loss used
+               "t_sample": p["t_sample"], "t_score": p["t_score"], "R_d": p["R_d"].mean().item(),
+               "R_c": valid_mean(p["R_c"]), "F_hat_abs": p["F_hat"].abs().mean().item(),
+               "Delta_hat_abs": p["Delta_hat"].abs().mean().item(), "log_std": valid_mean(p["rollout"].log_std)}
+    metrics["agree_semantic_checker"] = semantic_checker_agreement(p["cands"], p["per_reward"], p["G"])
+    means = rewards.reward_means(p["cands"], p["per_reward"])  # {"name/task": mean over the candidates it scored}
     for name in sorted(n for n, w in weights.items() if w > 0):  # the same keys on every rank (all_reduce)
         for task in rewards.REWARDS[name].tasks:
             metrics[f"reward/{name}/{task}"] = means.get(f"{name}/{task}", float("nan"))  # NaN: no such prompt
@@ -317,6 +394,7 @@ def ensure_sft(cfg):
             extra = json.load(open(config_path)).get("extra") or {}
         except (ValueError, AttributeError) as e:
             raise SystemExit(f"{config_path}: not a checkpoint config ({type(e).__name__}: {e})") from None
+        M.check_same_preset(extra.get("config"), cfg, f"the SFT checkpoint in {cfg.sft_dir}")
         if run_finished(extra) or cfg.allow_unfinished_sft:
             return
         saved = extra.get("config") or {}
@@ -354,6 +432,7 @@ def load_policy(cfg, device):
     policy, tokenizer, extra = M.load_checkpoint(source, llava_path=cfg.llava_path or None,
                                                  pose_encoder_path=cfg.pose_encoder_path or None,
                                                  device=device, dtype=dtype)
+    M.check_same_preset((extra or {}).get("config"), cfg, f"the checkpoint in {source}")
     policy.set_trainable("rft")
     policy.llava.language_model.model.gradient_checkpointing = cfg.activation_checkpointing
     if not cfg.resume:
@@ -375,7 +454,8 @@ def reward_context(cfg, weights, policy, tokenizer, device):
 
 
 def main(argv=None):
-    cfg = check_config(apply_overrides(RFTConfig(), sys.argv[1:] if argv is None else argv))
+    cfg, sources = M.resolve_config(RFTConfig(), sys.argv[1:] if argv is None else argv, RECIPES)
+    cfg = check_config(cfg)
     if cfg.algo not in ("hygrpo", "grpo"):
         raise SystemExit(f"--algo must be hygrpo or grpo, got {cfg.algo!r}")
     if cfg.reward_retriever not in ("reward", "eval"):
@@ -383,13 +463,9 @@ def main(argv=None):
     if cfg.pose_kl not in ("k3", "exact"):
         raise SystemExit(f"--pose_kl must be k3 or exact, got {cfg.pose_kl!r}")
     weights = rewards.parse_weights(cfg.rewards)
+    M.check_preset_inputs(cfg, "train_rft.py")
     rank, world_size, device = setup_distributed(cfg.device)
-    if cfg.beta_i2p != cfg.beta and cfg.algo == "hygrpo":
-        print0(f"the pose KL weighs {cfg.beta_i2p} on image-to-pose prompts and {cfg.beta} elsewhere (--beta_i2p, "
-               f"not in the paper: hygrpo.py note 18); --beta_i2p={cfg.beta} gives Eq. 6's one beta")
-    if pathwise_on(cfg, weights):
-        print0(f"the joint reward's gradient at the mean pose is added with weight {cfg.joint_pathwise} "
-               f"(--joint_pathwise, not in the paper: hygrpo.py note 19); --joint_pathwise=0 is Eq. 6 alone")
+    micro, accum = M.batch_split(cfg.batch_size, cfg.micro_batch, world_size)
     master = rank == 0
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
@@ -403,7 +479,10 @@ def main(argv=None):
     recover_run(cfg.out_dir)
     if world_size > 1:
         dist.barrier()  # the checkpoint is whole before any rank reads it
-    print0(f"train_rft.py on {world_size} x {device}\n" + json.dumps(dataclasses.asdict(cfg), indent=1))
+    print0(f"train_rft.py on {world_size} x {device}, preset {cfg.preset}: {cfg.batch_size} prompts a step = "
+           f"{world_size} x {micro} x {accum} accumulated, {cfg.G} answers x {cfg.pose_samples} poses each\n"
+           + M.format_config(cfg, sources))
+    print0(M.format_departures(M.departures(cfg, "rft")))
 
     policy, tokenizer = load_policy(cfg, device)
     body_model = smpl.build_body_model(cfg.smpl_path, device)
@@ -422,14 +501,23 @@ def main(argv=None):
     if cfg.task_mix and cfg.data == "poseworld":  # the same poses, their tasks drawn in other proportions
         train_set = data.PoseWorld("train", size=cfg.poseworld_size, seed=cfg.seed, image_size=cfg.image_size,
                                    mix=parse_task_mix(cfg.task_mix))
-    loader = iter(data.make_loader(train_set, cfg.batch_size, rank, world_size, seed=cfg.seed + 1,
-                                   start_step=step, collate_fn=data.collate_fn(tokenizer, policy, True)))
+    elif cfg.data != "poseworld":  # the real sets (PoseScript t2p, Human3.6M i2p, LLaVA-Instruct vqa), drawn by task
+        sets = data.dataset_parts(sft_set)
+        mix = parse_task_mix(cfg.task_mix) if cfg.task_mix else tuple(  # "": each sample once an epoch
+            float(sum(len(s) for s in sets if getattr(s, "task", None) == t)) for t in data.TASKS)
+        train_set = data.TaskMixture(sets, mix, seed=cfg.seed)
+        print0(f"RFT prompts, --task_mix={cfg.task_mix or '(empty: every sample once)'}: " + ", ".join(
+            f"{t} {c} from {'+'.join(type(s).__name__ for s in train_set.sets if s.task == t)}"
+            for t, c in train_set.counts.items()) + f" per epoch of {len(train_set)}")
+    if master and cfg.data != "poseworld":
+        check_answer_lengths(data.dataset_parts(sft_set), tokenizer, cfg.max_new_tokens)
+    loader = iter(data.make_loader(train_set, micro, rank, world_size, seed=cfg.seed + 1, start_step=step * accum,
+                                   collate_fn=data.collate_fn(tokenizer, policy, True)))
     evaluator = None
     if master and cfg.eval and cfg.data == "poseworld":
         evaluator = make_evaluator(cfg, tokenizer, body_model, ctx, sft_set, device)
-    elif master and cfg.eval:
-        print0("--eval: the before/after table is PoseWorld's; evaluate real data with eval.py --ckpt=... "
-               "(3DPW, Human3.6M)")
+    elif master and cfg.eval:  # the real test protocols whose files are given
+        evaluator = make_real_evaluator(cfg, tokenizer, body_model, device)
     if evaluator is not None and step == 0:
         before = evaluator(policy, "before RFT (SFT model)")
         with open(os.path.join(cfg.out_dir, "eval_before.json"), "w") as f:
@@ -444,9 +532,9 @@ def main(argv=None):
         lr = lr_at(step, cfg.max_steps, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio)
         for group in opt.param_groups:
             group["lr"] = lr
-        batch = data.to_device(next(loader), device)
+        batches = [data.to_device(next(loader), device) for _ in range(accum)]  # the global batch, per rank
         with autocast:
-            metrics = hygrpo_step(policy, opt, params, batch, cfg, ctx, weights, body_model, tokenizer,
+            metrics = hygrpo_step(policy, opt, params, batches, cfg, ctx, weights, body_model, tokenizer,
                                   generator, world_size)
         metrics = reduce_metrics(metrics, world_size, device)
         step += 1
@@ -461,7 +549,7 @@ def main(argv=None):
         if step % cfg.save_every == 0 or step == last:
             rng = rng_states(world_size, generator)  # every rank takes part; rank 0 saves
             if master:
-                save(cfg, policy, tokenizer, opt, generator, step, rng)
+                save(cfg, policy, tokenizer, opt, generator, step, rng, sources)
     bar.close()
     if world_size > 1:
         dist.barrier()
@@ -470,8 +558,11 @@ def main(argv=None):
     elif evaluator is not None:
         before = json.load(open(os.path.join(cfg.out_dir, "eval_before.json")))
         after = evaluator(policy, "after RFT")
-        table = E.format_comparison(before, after, title=f"PoseWorld test, {cfg.algo}, {step} steps, "
-                                                         f"rewards {cfg.rewards}")
+        where = "PoseWorld test" if cfg.data == "poseworld" else f"real test sets ({', '.join(after['protocols'])})"
+        table = E.format_comparison(before, after, title=f"{where}, {cfg.algo}, {step} steps, rewards {cfg.rewards}")
+        if after.get("protocols_skipped"):
+            table += "\n\nNot evaluated: " + "; ".join(after["protocols_skipped"]) + "."
+        table += "\n\n" + departures_foot(cfg)  # under the table, not lost above the progress bars
         with open(os.path.join(cfg.out_dir, "results.md"), "w") as f:
             f.write(table + "\n")
         with open(os.path.join(cfg.out_dir, "eval_after.json"), "w") as f:
@@ -487,13 +578,13 @@ def main(argv=None):
 # Checkpoints, evaluation, figures
 
 
-def save(cfg, policy, tokenizer, opt, generator, step, rng=None):
+def save(cfg, policy, tokenizer, opt, generator, step, rng=None, sources=None):
     """out_dir/checkpoint: the policy (with its pi_ref copy) and the optimiser, every rank's RNG states and
     the step, swapped in atomically as one folder: a killed run loses at most the steps since the last save."""
     rng = rng or rng_states(1, generator)
     M.save_checkpoint(policy, tokenizer, os.path.join(cfg.out_dir, M.CHECKPOINT_DIR),
                       extra={"stage": "rft", "step": step, "finished": step >= cfg.max_steps,
-                             "config": dataclasses.asdict(cfg)},
+                             "config": dataclasses.asdict(cfg), "sources": sources or {}},
                       train_state={"optimizer": opt.state_dict(), "torch_rng": rng[0]["torch_rng"],
                                    "generator": rng[0]["generator"], "rng_per_rank": rng, "step": step})
 
@@ -508,6 +599,34 @@ def resume(cfg, opt, generator, rank=0, world_size=1):
         trim_metrics(os.path.join(cfg.out_dir, "metrics.jsonl"), state["step"])
     print0(f"resumed {cfg.out_dir} at step {state['step']}")
     return state["step"]
+
+
+def departures_foot(cfg):
+    """The departures of this RFT run and of the SFT run it started from (README, 'Departures')."""
+    text = M.format_departures(M.departures(cfg, "rft"), "where this RFT run departs from the paper")
+    path = os.path.join(M.checkpoint_dir(cfg.sft_dir), "config.json")
+    saved = (json.load(open(path)).get("extra") or {}).get("config") if os.path.exists(path) else None
+    if saved:
+        fields = {f.name for f in dataclasses.fields(train_sft.SFTConfig)}
+        sft_cfg = train_sft.SFTConfig(**{k: v for k, v in saved.items() if k in fields})
+        text += "\n\n" + M.format_departures(M.departures(sft_cfg, "sft"), "and its SFT run")
+    return text
+
+
+def departures_markdown():
+    """The README's departures table: every row of model.DEPARTURES, with the value of each preset's own
+    recipe ("= paper" where it follows the paper). Regenerate the README's copy with
+    `python -c "import train_rft; print(train_rft.departures_markdown())"`."""
+    configs = {preset: {"sft": M.resolve_config(train_sft.SFTConfig(), [f"--preset={preset}"], train_sft.RECIPES)[0],
+                        "rft": M.resolve_config(RFTConfig(), [f"--preset={preset}"], RECIPES)[0]}
+               for preset in M.PRESETS}
+    lines = ["| setting | paper | " + " | ".join(f"`{p}`" for p in M.PRESETS) + " | why | measured |",
+             "| --- " * (4 + len(M.PRESETS)) + "|"]
+    for d in M.DEPARTURES:
+        values = [d.value(configs[p][d.stage]) for p in M.PRESETS]
+        lines.append(f"| {d.setting} | {d.paper} | " + " | ".join(v or "= paper" for v in values)
+                     + f" | {d.why} | {d.measured} |")
+    return "\n".join(lines)
 
 
 def make_evaluator(cfg, tokenizer, body_model, ctx, train_set, device):
@@ -528,30 +647,132 @@ def make_evaluator(cfg, tokenizer, body_model, ctx, train_set, device):
     return evaluator
 
 
+def make_real_evaluator(cfg, tokenizer, body_model, device):
+    """The before/after evaluation on the real test protocols whose files the config names (Sec. 4.1):
+    Human3.6M's test file (Table 1: MPJPE / PA-MPJPE on the 14 LSP joints, which needs the SMPL file and
+    the H3.6M regressor), 3DPW's test split (Table 1), and PoseScript's test split (Table 2: R@K of the
+    generated poses under both protocols, judged by the SFT run's evaluation retriever, which learnt from
+    PoseScript's train captions and never gave a reward). Says which protocols run and which are
+    skipped, and why; each result holds them as "protocols" and "protocols_skipped". None when none runs.
+    --h36m_npz is the Human3.6M TRAINING file (SFT's and RFT's i2p prompts): it is never evaluated on."""
+    limit = cfg.eval_size or None
+    runs, skipped = {}, []
+    regressor = cfg.h36m_regressor  # J_regressor_h36m.npy, for the 14-joint protocol
+    eval_body = None
+    if cfg.smpl_path and regressor:
+        eval_body = smpl.SMPL.from_file(cfg.smpl_path, extra_regressors={"h36m": regressor}).to(device)
+    h36m_test = cfg.h36m_test_npz
+    if not h36m_test:
+        skipped.append("Human3.6M (no --h36m_test_npz)")
+    elif eval_body is None:
+        skipped.append("Human3.6M (its 14-joint protocol needs --smpl_path and --h36m_regressor)")
+    else:
+        h36m = data.Human36M(h36m_test, cfg.h36m_images, images=True)
+        runs["h36m"] = lambda policy: E.evaluate_real_i2p(policy, tokenizer, h36m, eval_body, "h36m", limit,
+                                                          device=device, progress=False)
+    pw3d_root = cfg.pw3d_root
+    if not pw3d_root:
+        skipped.append("3DPW (no --pw3d_root)")
+    else:
+        gt_models = None  # without the gendered models evaluate_real_i2p reports 3dpw_approx_* (and says so)
+        male, female = cfg.smpl_male_path, cfg.smpl_female_path
+        if eval_body is not None and male and female:
+            gt_models = {g: smpl.SMPL.from_file(path, extra_regressors={"h36m": regressor}).to(device)
+                         for g, path in (("m", male), ("f", female))}
+        pw3d = data.ThreeDPW(pw3d_root, "test", images=True)
+        body = eval_body if eval_body is not None else body_model  # no regressor: the approximate protocol
+        runs["3dpw"] = lambda policy: E.evaluate_real_i2p(policy, tokenizer, pw3d, body, "3dpw", limit, device=device,
+                                                          progress=False, gt_body_models=gt_models)
+    with open(os.path.join(M.checkpoint_dir(cfg.sft_dir), "config.json")) as f:
+        sft_config = json.load(f)["extra"]["config"]
+    if "posescript" not in cfg.data:
+        skipped.append("PoseScript text-to-pose (posescript not in --data)")
+    elif "posescript" not in sft_config.get("data", ""):
+        skipped.append(f"PoseScript text-to-pose (the retrievers of {cfg.sft_dir} did not learn PoseScript's captions)")
+    else:
+        posescript = data.PoseScript(cfg.posescript_root, cfg.amass_root, split="test")
+        retriever = rewards.PoseTextRetriever.load(os.path.join(cfg.sft_dir, "retriever_eval"), device=device)
+        runs["posescript"] = lambda policy: E.evaluate_real_t2p(policy, tokenizer, posescript, body_model, retriever,
+                                                                limit, device=device, progress=False, seed=cfg.seed)
+    print0(f"evaluation before and after RFT on: {', '.join(runs) or 'nothing'}"
+           + (f"; skipped: {'; '.join(skipped)}" if skipped else ""))
+    if not runs:
+        return None
+
+    def evaluator(policy, label):
+        E.refuse_nonfinite_weights(policy)
+        out = {"protocols": list(runs), "protocols_skipped": skipped, "items": {}}
+        for name, run in runs.items():
+            print0(f"evaluating {label} on the {name} test protocol")
+            result = run(policy)
+            out["items"].update(result.pop("items", {}))
+            out.update(result)
+        return out
+    return evaluator
+
+
+def check_answer_lengths(sets, tokenizer, max_new_tokens, n=2000):
+    """Print how many of the VQA sets' reference answers (the first n of each) --max_new_tokens cuts: a
+    sampled answer stops there, and the text reward (Eq. 10) would compare a cut answer with a whole one."""
+    answers = [pairs[0][1] for ds in sets if isinstance(ds, data.LLaVAInstruct) for _, _, pairs in ds.entries[:n]]
+    if not answers:
+        return
+    lengths = sorted(len(tokenizer.encode(a)) + 1 for a in answers)  # + </s>
+    cut = sum(k > max_new_tokens for k in lengths)
+    if cut:
+        print0(f"--max_new_tokens={max_new_tokens} cuts {cut} of {len(lengths)} LLaVA-Instruct reference answers "
+               f"(median {lengths[len(lengths) // 2]} tokens, longest {lengths[-1]}, with </s>)")
+
+
 class Gallery:
     """Fig. 5 for this run: the mean pose for a few fixed text prompts at successive RFT steps, one row per
-    prompt (its caption, shortened, above the row), the ground truth first ("GT"), then one column per step."""
+    prompt (its caption, shortened, above the row), the ground truth first ("GT"), then one column per step.
+    The prompts: PoseWorld's val captions, or on real data PoseScript's (its val split, else its test
+    split), drawn in the body frame (their heading and tilt undone, as the retrievers see them). Real data
+    without PoseScript has no captions: no gallery."""
 
     def __init__(self, cfg, train_set, tokenizer, body_model, device, n=4):
-        val = data.PoseWorld("val", seed=cfg.seed, image_size=cfg.image_size)
-        idx = val.task_indices("t2p")[:n]
-        self.samples = [val[int(i)] for i in idx]
+        self.frame = None  # PoseWorld's text-to-pose poses are in the body frame already
+        if cfg.data == "poseworld":
+            val = data.PoseWorld("val", seed=cfg.seed, image_size=cfg.image_size)
+            idx = val.task_indices("t2p")[:n]
+            self.samples = [val[int(i)] for i in idx]
+        elif "posescript" in cfg.data:
+            val = data.PoseScript(cfg.posescript_root, cfg.amass_root, split="val")
+            val = val if len(val) else data.PoseScript(cfg.posescript_root, cfg.amass_root, split="test")
+            self.samples, self.frame = [val[i] for i in range(min(n, len(val)))], data.body_frame_joints
+        else:
+            self.samples = []
+        if not self.samples:
+            print0("no text-to-pose captions to draw (posescript not in --data, or no val / test captions): "
+                   "no gallery")
         self.path = os.path.join(cfg.out_dir, "gallery.png")
         self.tokenizer, self.body_model, self.device = tokenizer, body_model, device
         self.columns, self.steps = [], []  # one (n, 24, 3) per gallery step, and the step
 
     @torch.no_grad()
     def add(self, policy, step):
+        if not self.samples:
+            return
         policy.eval()
         batch = data.to_device(data.collate_fn(self.tokenizer, policy, True)(self.samples), self.device)
         rollout = M.sample_policy(policy, batch, 1, 24, temperature=0.0)  # greedy text, mean pose
-        self.columns.append(smpl.pose_joints(rollout.mu, self.body_model).cpu())  # (n, 24, 3)
+        self.columns.append(self.in_frame(smpl.pose_joints(rollout.mu, self.body_model)))  # (n, 24, 3)
         self.steps.append(step)
-        gt = torch.stack([s["joints"] for s in self.samples])  # (n, 24, 3)
+        if self.samples[0]["joints"] is not None:  # PoseWorld
+            gt = torch.stack([s["joints"] for s in self.samples])  # (n, 24, 3)
+        else:  # PoseScript gives the pose: its joints through the run's body model
+            pose = torch.stack([s["pose"] for s in self.samples]).to(self.device)  # (n, 24, 3)
+            gt = self.in_frame(smpl.pose_joints(M.pose_to_rot6d(pose), self.body_model))  # (n, 24, 3)
         grid = torch.stack([gt] + self.columns, dim=1).flatten(0, 1)  # (n * (1 + steps), 24, 3)
         heads = ["GT"] + [f"step {k}" for k in self.steps]  # every cell names its column: no looking up
         data.render_poses(grid, self.path, views=("front", "side"), cols=1 + len(self.columns),
                           titles=heads * len(self.samples), row_labels=[s["caption"] for s in self.samples])
+
+    def in_frame(self, joints):
+        """(n, 24, 3) joints on the CPU, in the frame the figure draws."""
+        joints = joints.detach().float().cpu()
+        return joints if self.frame is None else self.frame(joints)
 
 
 def write_reward_curves(metrics_path, svg_path):

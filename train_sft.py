@@ -17,9 +17,9 @@ In order, this script
 Launch:
     python train_sft.py                                   # tiny preset on PoseWorld, CPU, a few minutes
     python train_sft.py --max_steps=100 --out_dir=out/quick
-    torchrun --standalone --nproc_per_node=8 train_sft.py --preset=llava-1.5-7b \
-        --llava_path=/models/llava-1.5-7b-hf --pose_encoder_path=/models/hmr2/epoch=35-step=1000000.ckpt \
-        --smpl_path=/models/smpl/SMPL_NEUTRAL.pkl --batch_size=10 --lr=3e-4 --max_steps=10000
+    torchrun --standalone --nproc_per_node=8 train_sft.py --preset=llava-1.5-7b --out_dir=out/llava-1.5-7b-sft $MODELS $DATA
+        # the paper's recipe on the real data: $MODELS and $DATA as README.md ('Using the real weights') sets
+        # them; the same line is there, and tests/test_readme_commands.py runs it
 
 Everything a run writes goes under --out_dir: checkpoint/ (model.safetensors, config.json, tokenizer.json
 and train_state.pt with the optimiser, RNG and step for --resume, replaced as a whole at each save),
@@ -29,6 +29,7 @@ stages behave the same.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -77,9 +78,10 @@ class SFTConfig:
     llava_path: str = ""             # llava-hf/llava-1.5-7b-hf folder (config.json, safetensors, tokenizer.json)
     pose_encoder_path: str = ""      # HMR2.0 checkpoint (4D-Humans), or a safetensors of its backbone
     smpl_path: str = ""              # official SMPL model file; empty = the built-in skeleton
-    # optimisation (Table 4, left column, for llava-1.5-7b: batch 80, lr 3e-4, 10000 steps, cosine)
-    batch_size: int = 16             # per rank
-    max_steps: int = 2400            # tiny, after pretrain_steps; 3000: posecode +4.2 (3 seeds), +1 minute (README)
+    # optimisation (the tiny preset's; llava-1.5-7b takes Table 4's from RECIPES below)
+    batch_size: int = 16             # GLOBAL samples per optimiser step (Table 4's batch), over all processes
+    micro_batch: int = 0             # samples per process per forward pass; 0 = its whole share (no accumulation)
+    max_steps: int = 2400            # tiny, after pretrain_steps (README, 'Departures')
     lr: float = 5e-4                 # tiny trains from scratch; 2e-3 collapsed to one constant pose
     min_lr_ratio: float = 0.1        # cosine decays to lr * min_lr_ratio
     warmup_steps: int = 50
@@ -94,7 +96,7 @@ class SFTConfig:
     joint_weight: float = 20.0       # mean per-joint position error through SMPL, metres
     deterministic_head: bool = False  # Table 3 "Baseline": mean-only pose head
     tiny_sizes: str = ""             # tiny model sizes, e.g. "llm_hidden=192,llm_layers=6" (model._tiny_config)
-    # the tokenizer and the two retrievers (tiny)
+    # the tokenizer (tiny) and the two retrievers
     vocab_size: int = 1024           # tiny BPE (955 tokens in fact): ~72 tokens a sample, not ~130 at 768
     retriever_pairs: int = 40000     # t2p-only PoseWorld captions, two disjoint halves; 8000 ranked worse (README)
     retriever_steps: int = 600       # 40k pairs, 600 x 256: better checker agreement than 8k, 400 x 128; 800 ranked
@@ -116,6 +118,42 @@ class SFTConfig:
     save_every: int = 200
     stop_after: int = 0              # stop after this many steps of this invocation (saved; --resume goes on)
     num_threads: int = 0             # torch CPU threads; 0 = torch's default
+
+
+# The llava-1.5-7b preset's recipe, {setting: (value, where it comes from)}: it replaces SFTConfig's tiny
+# defaults before the command line's flags. Every setting is here but those in PRESET_FREE, so no value
+# tuned for the tiny world reaches a 7B run unless a flag asks for it (tests/test_real_preset.py).
+RECIPES = {"llava-1.5-7b": {
+    "out_dir": ("out/llava-1.5-7b-sft", "choice: the preset's own folder"),
+    "dtype": ("bfloat16", "choice: a 7B model does not train in float32 on a 40 GB A100"),
+    "activation_checkpointing": (True, "choice: fits 10 samples a GPU"),
+    "data": ("posescript,h36m,llava_instruct", "paper: Sec. 4.1, the sets with a loader here"),
+    "batch_size": (80, "paper: Table 4 (global)"),
+    "micro_batch": (10, "choice: 10 a GPU; 8 GPUs in one pass, fewer accumulate"),
+    "max_steps": (10000, "paper: Table 4"),
+    "lr": (3e-4, "paper: Table 4"),
+    "min_lr_ratio": (0.0, "paper: Table 4, cosine (to 0)"),
+    "warmup_steps": (300, "choice: 3% of the steps, LLaVA-1.5's warm-up ratio"),
+    "weight_decay": (0.0, "choice: LLaVA-1.5's"),
+    "beta1": (0.9, "paper: Table 4"),
+    "beta2": (0.95, "paper: Table 4"),
+    "grad_clip": (1.0, "choice: LLaVA-1.5's"),
+    "ce_weight": (1.0, "choice: not stated"),
+    "nll_weight": (0.005, "choice: not stated; the NLL sums 144 numbers (as tiny)"),
+    "nll_beta": (0.0, "paper: Eq. 2, the plain likelihood"),
+    "joint_weight": (20.0, "choice: not stated; a metric target for the mean (as tiny)"),
+    "deterministic_head": (False, "paper: Eq. 2, the Gaussian head"),
+    "retriever_steps": (5000, "choice: not stated; PoseScript's retrieval model is trained by its authors"),
+    "retriever_batch": (256, "choice: not stated"),
+    "retriever_lr": (2e-4, "choice: not stated"),
+    "retriever_hard_negatives": (False, "choice: PoseScript's captions carry no codes to break"),
+    "save_every": (500, "choice: a 7B step is slow"),
+}}
+# Settings no preset changes: run bookkeeping, paths, and what only PoseWorld or the tiny model reads.
+PRESET_FREE = {"preset", "resume", "seed", "device", "poseworld_size", "image_size", "posescript_root",
+               "amass_root", "h36m_npz", "h36m_images", "llava_instruct_json", "coco_images", "llava_path",
+               "pose_encoder_path", "smpl_path", "tiny_sizes", "vocab_size", "retriever_pairs", "pretrain_steps",
+               "pretrain_images", "pretrain_batch", "pretrain_lr", "log_every", "stop_after", "num_threads"}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -298,6 +336,21 @@ def sft_loss(policy, body_model, batch, cfg):
     return loss, {"ce": ce.item(), "nll": nll.item(), "joint_m": joint.item()}
 
 
+def accumulate_sft_gradients(policy, body_model, batches, cfg, autocast=contextlib.nullcontext()):
+    """Backward of the mean of sft_loss over this rank's micro-batches: the gradient of one pass over
+    them all when they weigh alike, as DDP's mean over ranks is (one GPU with 8 micro-batches and eight
+    GPUs with one each take the same step). Returns (loss, parts), averaged the same way, as floats."""
+    total, parts = 0.0, {}
+    for batch in batches:
+        with autocast:
+            loss, micro_parts = sft_loss(policy, body_model, batch, cfg)
+        (loss / len(batches)).backward()
+        total += loss.item() / len(batches)
+        for k, v in micro_parts.items():
+            parts[k] = parts.get(k, 0.0) + v / len(batches)
+    return total, parts
+
+
 def parse_sizes(spec):
     """"llm_hidden=192,llm_layers=6" -> {"llm_hidden": 192, "llm_layers": 6}; "a=64x48" gives a tuple."""
     sizes = {}
@@ -327,8 +380,13 @@ def build_policy(cfg, tokenizer, device):
 
 
 def main(argv=None, cfg=None):
-    cfg = check_config(cfg or apply_overrides(SFTConfig(), sys.argv[1:] if argv is None else argv))
+    sources = None
+    if cfg is None:
+        cfg, sources = M.resolve_config(SFTConfig(), sys.argv[1:] if argv is None else argv, RECIPES)
+    cfg = check_config(cfg)
+    M.check_preset_inputs(cfg, "train_sft.py")
     rank, world_size, device = setup_distributed(cfg.device)
+    micro, accum = M.batch_split(cfg.batch_size, cfg.micro_batch, world_size)
     master = rank == 0
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
@@ -337,7 +395,9 @@ def main(argv=None, cfg=None):
     recover_run(cfg.out_dir)
     if world_size > 1:
         dist.barrier()  # the checkpoint is whole before any rank reads it
-    print0(f"train_sft.py on {world_size} x {device}\n" + json.dumps(dataclasses.asdict(cfg), indent=1))
+    print0(f"train_sft.py on {world_size} x {device}, preset {cfg.preset}: {cfg.batch_size} samples a step = "
+           f"{world_size} x {micro} x {accum} accumulated\n" + M.format_config(cfg, sources))
+    print0(M.format_departures(M.departures(cfg, "sft")))
 
     train_set = data.build_datasets(cfg, "train")
     if cfg.resume:  # the run's own vocabulary
@@ -370,6 +430,8 @@ def main(argv=None, cfg=None):
     step = 0
     if cfg.resume:
         state = load_train_state(cfg.out_dir)
+        M.check_same_preset(json.load(open(os.path.join(cfg.out_dir, M.CHECKPOINT_DIR, "config.json")))
+                            .get("extra", {}).get("config"), cfg, f"the checkpoint in {cfg.out_dir}")
         saved = M.load_checkpoint(cfg.out_dir, llava_path=cfg.llava_path or None,
                                   pose_encoder_path=cfg.pose_encoder_path or None, device=device)[0]
         policy.load_state_dict(saved.state_dict())
@@ -380,8 +442,8 @@ def main(argv=None, cfg=None):
             trim_metrics(os.path.join(cfg.out_dir, "metrics.jsonl"), step)
         print0(f"resumed at step {step}")
 
-    loader = iter(data.make_loader(train_set, cfg.batch_size, rank, world_size, seed=cfg.seed,
-                                   start_step=step, collate_fn=data.collate_fn(tokenizer, policy)))
+    loader = iter(data.make_loader(train_set, micro, rank, world_size, seed=cfg.seed, start_step=step * accum,
+                                   collate_fn=data.collate_fn(tokenizer, policy)))
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
     metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
     bar = tqdm(total=cfg.max_steps, initial=step, desc="sft", disable=not master, dynamic_ncols=True)
@@ -392,17 +454,15 @@ def main(argv=None, cfg=None):
         lr = lr_at(step, cfg.max_steps, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio)
         for group in opt.param_groups:
             group["lr"] = lr
-        batch = data.to_device(next(loader), device)
-        with autocast:
-            loss, parts = sft_loss(policy, body_model, batch, cfg)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        batches = [data.to_device(next(loader), device) for _ in range(accum)]  # this rank's share of the batch
+        total, parts = accumulate_sft_gradients(policy, body_model, batches, cfg, autocast)
         average_gradients(params, world_size)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item()
-        check_finite_update(loss.item(), grad_norm, cfg, step)
+        check_finite_update(total, grad_norm, cfg, step)
         opt.step()
         step += 1
-        parts = {"step": step, "lr": lr, "loss": loss.item(), **parts, "grad_norm": grad_norm,
+        parts = {"step": step, "lr": lr, "loss": total, **parts, "grad_norm": grad_norm,
                  "dt": time.time() - t0}
         if master:
             append_jsonl(metrics_path, parts)
@@ -413,7 +473,7 @@ def main(argv=None, cfg=None):
         if step % cfg.save_every == 0 or step == last:
             rng = rng_states(world_size)  # every rank takes part; rank 0 saves
             if master:
-                save(policy, tokenizer, opt, step, cfg, rng)
+                save(policy, tokenizer, opt, step, cfg, rng, sources)
     bar.close()
     if world_size > 1:
         dist.barrier()
@@ -424,13 +484,13 @@ def main(argv=None, cfg=None):
     return policy, tokenizer
 
 
-def save(policy, tokenizer, opt, step, cfg, rng=None):
+def save(policy, tokenizer, opt, step, cfg, rng=None, sources=None):
     """out_dir/checkpoint: the policy and what --resume needs (optimiser, every rank's RNG, step), in one
     atomic swap; `finished` records whether the run reached max_steps (train_rft.py checks it)."""
     rng = rng or rng_states(1)
     M.save_checkpoint(policy, tokenizer, os.path.join(cfg.out_dir, M.CHECKPOINT_DIR),
                       extra={"stage": "sft", "step": step, "finished": step >= cfg.max_steps,
-                             "config": dataclasses.asdict(cfg)},
+                             "config": dataclasses.asdict(cfg), "sources": sources or {}},
                       train_state={"optimizer": opt.state_dict(), "torch_rng": rng[0]["torch_rng"],
                                    "rng_per_rank": rng, "step": step})
 

@@ -359,6 +359,64 @@ def bench_rft(steps=10):
     print(f"  step     {total:6.3f} s: {n / total:7.1f} candidates/s, {cfg.batch_size * cfg.G / total:6.1f} answers/s")
     print(f"  peak RSS of this process {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
 
+
+@bench("sft")
+def bench_sft(steps=20, batch=16):
+    """One SFT step of the tiny preset (train_sft.sft_loss, backward, fused AdamW) on a batch of the main
+    job's size: its achieved GFLOP/s (forward + backward FLOPs counted by torch.utils.flop_counter) beside
+    a plain float32 matmul's on the same machine in the same run, and where the batch's tokens go
+    (padding to the longest sample, the conversation template, image tokens on text-only samples)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import data
+    import smpl
+    import train_sft
+    cfg = train_sft.SFTConfig()
+    world = data.PoseWorld("train", size=cfg.poseworld_size, seed=0)
+    tok = train_sft.train_tokenizer(cfg, world)
+    torch.manual_seed(0)
+    policy = train_sft.build_policy(cfg, tok, "cpu")
+    body = smpl.build_body_model("", "cpu")
+    params = [p for p in policy.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True)
+    loader = iter(data.make_loader(world, batch, seed=0, collate_fn=data.collate_fn(tok, policy)))
+    batches = [next(loader) for _ in range(steps)]
+
+    def step(b):
+        loss, _ = train_sft.sft_loss(policy, body, b, cfg)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    with FlopCounterMode(display=False) as counter:
+        loss, _ = train_sft.sft_loss(policy, body, batches[0], cfg)
+        loss.backward()
+    flops = counter.get_total_flops()
+    step(batches[0])  # warm-up
+    t0 = time.perf_counter()
+    for b in batches:
+        step(b)
+    dt = (time.perf_counter() - t0) / steps
+    n = 512
+    a, w = torch.randn(4 * n, n), torch.randn(n, n)
+    mm = timeit(lambda: a @ w, repeat=20, warmup=3)
+    real = sum(b["attention_mask"].sum().item() for b in batches)  # tokens that are not padding
+    slots = sum(b["attention_mask"].numel() for b in batches)
+    T = sum(b["attention_mask"].shape[1] for b in batches) / steps
+    with_image = sum(len(b["image_index"]) for b in batches) / (steps * batch)
+    print(f"tiny SFT step, batch {batch}, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}, "
+          f"mean of {steps} steps")
+    print(f"  step           {1000 * dt:7.1f} ms, {flops / 1e9:6.2f} GFLOP (forward + backward of the first batch)")
+    print(f"  achieved       {flops / dt / 1e9:7.2f} GFLOP/s")
+    print(f"  plain matmul   {2 * 4 * n * n * n / mm / 1e9:7.2f} GFLOP/s ({4 * n}x{n} @ {n}x{n}, float32)")
+    print(f"  ratio          {flops / dt / (2 * 4 * n * n * n / mm):7.3f}")
+    print(f"  tokens         {T:.0f} a row on average (the longest sample of its batch), {real / slots:.1%} of "
+          f"them real, the rest padding")
+    template = len(data.encode_prompt("", False, tok, policy.n_image_tokens))
+    print(f"  template       {template} tokens of prompt around the question, in every row")
+    print(f"  images         {policy.n_image_tokens} tokens a row with an image; {with_image:.0%} of the rows have one")
+
 if __name__ == "__main__":
     names = sys.argv[1:] or list(BENCHES)
     for name in names:

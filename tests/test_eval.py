@@ -337,3 +337,146 @@ def test_compare_runs_aggregates_seeds(tmp_path):
     assert row.rstrip(" |").endswith("-3.00 (0.58)")  # grpo - hygrpo gains: -2, -4, -3
     with pytest.raises(SystemExit, match="eval_before.json"):
         E.main(["--compare", f"x={tmp_path}"])
+
+
+def test_posecode_families_by_hand():
+    """Two samples whose captions mention the left elbow and the left knee: the rest pose (elbow straight)
+    and the same pose with the left elbow turned 90 degrees (bent at a right angle), both against the
+    rest pose's codes, the second with its knee code set to "completely bent". Expected by hand: sample
+    0 satisfies both, sample 1 neither; the arms region holds the elbow, the legs region the knee, the
+    torso region nothing; an unmentioned family that holds counts nowhere. Catches counting unmentioned
+    codes, a wrong region map, and rows that do not add up to check_posecodes."""
+    pose = torch.zeros(2, 24, 3)
+    pose[1, data.J_["left_elbow"]] = torch.tensor([0.0, torch.pi / 2, 0.0])
+    joints = smpl.pose_joints(pose)  # (2, 24, 3)
+    elbow, knee = data.POSECODE_INDEX["left_elbow"], data.POSECODE_INDEX["left_knee"]
+    codes = data.posecodes(joints[:1]).expand(2, -1).clone()  # (2, K) the rest pose's codes
+    assert codes[0, elbow] == 3 and data.posecodes(joints)[1, elbow] == 1  # straight; bent at a right angle
+    codes[1, knee] = 0  # "completely bent": the straight knee fails it
+    mentioned = torch.zeros(2, data.K, dtype=torch.bool)
+    mentioned[:, [elbow, knee]] = True
+    hits, mentions = E.posecode_families(joints, codes, mentioned)  # (2, K + 3) each
+    col = {key.split("/")[1]: c for c, (key, _) in enumerate(E.POSECODE_GROUPS)}
+    assert hits.shape == mentions.shape == (2, data.K + 3)
+    assert hits[:, col["left_elbow"]].tolist() == [1, 0] and hits[:, col["left_knee"]].tolist() == [1, 0]
+    assert mentions[:, col["left_elbow"]].tolist() == [1, 1] and mentions[:, col["right_elbow"]].tolist() == [0, 0]
+    assert hits[:, col["right_elbow"]].tolist() == [0, 0]  # holds (straight) but is not mentioned
+    assert hits[:, col["arms_and_hands"]].tolist() == [1, 0] and mentions[:, col["arms_and_hands"]].tolist() == [1, 1]
+    assert hits[:, col["legs_and_feet"]].tolist() == [1, 0] and mentions[:, col["legs_and_feet"]].tolist() == [1, 1]
+    assert mentions[:, col["torso_and_head"]].tolist() == [0, 0]
+    share = hits[:, :data.K].sum(1) / mentions[:, :data.K].sum(1)  # (2,)
+    torch.testing.assert_close(share, data.check_posecodes(joints, codes, mentioned))
+    assert set(data.POSECODE_REGION) == {f.name for f in data.POSECODES}
+    assert data.POSECODE_REGION["hips_height"] == "legs_and_feet"
+    assert data.POSECODE_REGION["head_pitch"] == "torso_and_head"
+
+
+def test_evaluate_reports_posecode_families_and_informative_mentions(world, tokenizer, monkeypatch):
+    """A policy that answers the ground truth on even test items and the average training pose on odd
+    ones. Per family and region, its accuracy, the average pose's, the informative mentions (those the
+    average pose fails) and its accuracy on them must equal what this test counts directly from the
+    codes. Catches informative mentions taken from the model's misses instead of the average pose's, a
+    per-item mean instead of the pooled share, regions that are not the sum of their families, and
+    per-item lists that do not average to the reported value."""
+    train = data.PoseWorld("train", size=300, seed=3, cache_dir=None)
+    poses = {task: train.poses[train.task_indices(task)] for task in ("i2p", "t2p")}
+    avg = {task: E.mean_pose(p) for task, p in poses.items()}  # (144,) each
+
+    def answers(policy, samples, tok, device, max_new_tokens=32):  # one batch: j is the test index
+        mu = [smpl.matrix_to_rot6d(smpl.axis_angle_to_matrix(s["pose"])).flatten() if j % 2 == 0
+              else avg["i2p" if s["task"] == "i2p" else "t2p"] for j, s in enumerate(samples)]
+        return [s["answer"] for s in samples], torch.stack(mu), torch.ones(len(samples), dtype=torch.bool)
+
+    monkeypatch.setattr(E, "_mean_poses", answers)
+    r = E.evaluate(None, tokenizer, world, smpl.SMPL(), {}, ExactEmbedder(), progress=False, batch_size=len(world),
+                   baseline_poses=poses)
+    t2p = [i for i in range(len(world)) if data.TASKS[int(world.task_id[i])] == "t2p"]
+    oracle = torch.tensor([i % 2 == 0 for i in t2p])[:, None]  # (m, 1)
+    mentioned, codes = world.mentioned[t2p], world.codes[t2p]  # (m, K) each
+    base_ok = data.posecodes(smpl.pose_joints(avg["t2p"][None])) == codes  # (m, K) the average pose's codes
+    groups = {f.name: [k] for k, f in enumerate(data.POSECODES)}
+    groups.update({reg: [k for k, f in enumerate(data.POSECODES) if data.POSECODE_REGION[f.name] == reg]
+                   for reg in data.BODY_REGIONS})
+    checked = 0
+    for key, _ in E.POSECODE_GROUPS:
+        m, info = mentioned[:, groups[key.split("/")[1]]], (mentioned & ~base_ok)[:, groups[key.split("/")[1]]]
+        ok, b_ok, o = (oracle | base_ok)[:, groups[key.split("/")[1]]], base_ok[:, groups[key.split("/")[1]]], oracle
+        assert r[f"{key}/n"] == int(m.sum()) and r[f"{key}/informative_n"] == int(info.sum())
+        if m.sum() == 0:
+            assert r[f"{key}/acc"] != r[f"{key}/acc"]  # nan: nothing to score
+            continue
+        assert r[f"{key}/acc"] == pytest.approx(100 * (m & ok).sum().item() / m.sum().item())
+        assert r[f"{key}/mean_pose_acc"] == pytest.approx(100 * (m & b_ok).sum().item() / m.sum().item())
+        for name in ("acc", "informative_acc"):
+            values = r["items"][f"{key}/{name}"]
+            assert len(values) == 0 or sum(values) / len(values) == pytest.approx(r[f"{key}/{name}"])
+        if info.sum():
+            assert r[f"{key}/informative_acc"] == pytest.approx(100 * (info & o).sum().item() / info.sum().item())
+            checked += 1
+    assert checked >= 5  # enough groups with informative mentions to mean something
+    assert sum(r[f"t2p_family/{f.name}/n"] for f in data.POSECODES) == int(mentioned.sum())
+
+
+def _family_results(acc_items, info_items, mean_pose_acc=25.0):
+    """An evaluation's posecode keys for the left elbow and the arms region, with these per-item values."""
+    r = {"t2p_posecode_acc": 50.0, "items": {"t2p_posecode_acc": [50.0, 50.0]}}
+    for key in ("t2p_family/left_elbow", "t2p_region/arms_and_hands"):
+        r.update({f"{key}/n": len(acc_items), f"{key}/mean_pose_acc": mean_pose_acc,
+                  f"{key}/acc": sum(acc_items) / len(acc_items), f"{key}/informative_n": len(info_items),
+                  f"{key}/informative_acc": sum(info_items) / len(info_items)})
+        r["items"].update({f"{key}/acc": acc_items, f"{key}/informative_acc": info_items})
+    return r
+
+
+def test_comparison_table_shows_posecode_families():
+    """format_comparison adds one line per family and region below the existing table: mentions, the
+    average pose's accuracy, before, after, the change with its paired s.e. (by hand: differences 0, 100,
+    0, 0 have mean 25 and s.e. 25), and the same for the informative mentions; a single evaluation gets
+    the short form; results without these keys get no block. Catches an unpaired error, the columns
+    out of order, and old results breaking the table."""
+    before = _family_results([100.0, 0.0, 100.0, 0.0], [0.0, 100.0, 0.0])
+    after = _family_results([100.0, 100.0, 100.0, 0.0], [100.0, 100.0, 0.0])
+    table = E.format_comparison(before, after)
+    lines = table.splitlines()
+    assert lines.index("| left elbow | 4 | 25.0 | 50.0 | 75.0 | +25.0 (25.0) | 3 | 33.3 | 66.7 | +33.3 (33.3) |") > \
+        next(i for i, line in enumerate(lines) if line.startswith("| Text-to-pose posecode accuracy"))
+    assert "| **arms and hands** | 4 | 25.0 | 50.0 | 75.0 |" in table
+    assert "| left elbow | 4 | 25.0 | 50.0 | 3 | 33.3 |" in E.format_comparison(before)
+    old = {"t2p_posecode_acc": 50.0}
+    assert "family / region" not in E.format_comparison(old, dict(old, t2p_posecode_acc=60.0))
+    assert "Text-to-pose posecode accuracy" in E.format_comparison(old, after)  # mixed old and new: no block
+    assert "family / region" not in E.format_comparison(old, after)
+
+
+def test_compare_runs_gives_family_rows_and_names_what_old_runs_lack(tmp_path):
+    """--compare gives per-family and per-region rows (mean over seeds of each seed's paired gain); a
+    group whose eval jsons predate them still compares and a line names the rows it lacks; a group of one
+    run shows its paired s.e. over the test items instead of nan. Catches a KeyError on old runs, a
+    silent gap, and a nan where a standard error exists."""
+    import json
+
+    def run(name, before, after):
+        folder = tmp_path / name
+        folder.mkdir()
+        json.dump(before, open(folder / "eval_before.json", "w"))
+        json.dump(after, open(folder / "eval_after.json", "w"))
+        return str(folder)
+    b = _family_results([100.0, 0.0, 100.0, 0.0], [0.0, 100.0, 0.0])
+    new = [run("new0", b, _family_results([100.0, 100.0, 100.0, 0.0], [100.0, 100.0, 0.0])),  # +25
+           run("new1", b, _family_results([100.0, 100.0, 100.0, 100.0], [100.0, 100.0, 100.0]))]  # +50
+    old = {"t2p_posecode_acc": 50.0, "items": {"t2p_posecode_acc": [40.0, 60.0]}}
+    old_run = run("old0", old, {"t2p_posecode_acc": 55.0, "items": {"t2p_posecode_acc": [40.0, 70.0]}})
+    table = E.main(["--compare", "new=" + ",".join(new), f"old={old_run}"])
+    row = lambda label: next(line for line in table.splitlines() if line.startswith(f"| {label}"))  # noqa: E731
+    elbow = row("posecode accuracy, left elbow (%; 4 mentions, avg pose 25.0)")
+    assert "50.00 -> 87.50, +37.50 (12.50) [+25.00 (25.00), +50.00 (28.87)]" in elbow  # s.e. of 25, 50: 12.5
+    assert elbow.endswith("] |  |")  # old has no cell (groups of 1 and 2 runs: no difference of gains)
+    # informative gains +33.3 and +66.7: mean 50, s.e. 16.7
+    assert "33.33 -> 83.33, +50.00 (16.67)" in row("  informative mentions, left elbow (%; 3)")
+    assert row("posecode accuracy, arms and hands")
+    note = table.splitlines()[-1]
+    assert "old: posecode accuracy per family and per body region" in note and "new: posecode" not in note
+    # one run: its paired s.e. over the items (differences 0, 10: s.e. 5), not nan
+    assert "50.00 -> 55.00, +5.00 (5.00 over items) [+5.00 (5.00)]" in row("posecode accuracy (%)")
+    alone = E.main(["--compare", f"old={old_run}"])
+    assert "posecode accuracy, left elbow" not in alone and "per family and per body region" in alone.splitlines()[-1]

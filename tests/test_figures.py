@@ -196,7 +196,7 @@ def test_gallery_labels_rows_and_columns(tmp_path, monkeypatch):
     calls = []
     real = data.render_poses
     monkeypatch.setattr(train_rft.data, "render_poses", lambda *a, **k: calls.append(k) or real(*a, **k))
-    cfg = types.SimpleNamespace(seed=0, image_size=32, out_dir=str(tmp_path))
+    cfg = types.SimpleNamespace(seed=0, image_size=32, out_dir=str(tmp_path), data="poseworld")
     gallery = train_rft.Gallery(cfg, None, None, None, "cpu", n=2)
     monkeypatch.setattr(train_rft.smpl, "pose_joints", lambda mu, body: torch.stack([s["joints"] for s in gallery.samples]))
     gallery.add(torch.nn.Linear(1, 1), 2)

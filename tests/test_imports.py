@@ -10,7 +10,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODULES = ("smpl", "hygrpo", "model", "data", "rewards", "eval", "train_sft", "train_rft")
 # train_rft may start stage 1 itself (the main job on a fresh clone): its config and its main, nothing else
-RUNS = {("train_rft", "train_sft"): {"main", "SFTConfig"}}
+RUNS = {("train_rft", "train_sft"): {"main", "SFTConfig", "RECIPES"}}  # to run stage 1, and read its recipe
 
 
 def parse(name):

@@ -3,6 +3,7 @@ key layout (sharded safetensors, hub-style config.json, a Llama byte-fallback to
 and <pad> appended as llava-hf does), an HMR2.0 Lightning checkpoint, and an SMPL .npz. train_sft.py,
 train_rft.py and eval.py run on them exactly as a practitioner runs them on the real 7B files; only the
 sizes differ (the preset reads them from the files). CPU, a few steps: the plumbing, not the learning."""
+import dataclasses
 import json
 import os
 import subprocess
@@ -109,7 +110,8 @@ def test_sft_rft_eval_on_real_format_files(files, tmp_path):
     files unchanged, checkpoints hold only the trained tensors (plus pi_ref's copy after RFT), and a
     checkpoint refuses a LLaVA folder of another size with a message naming the difference."""
     sft, rft = tmp_path / "sft", tmp_path / "rft"
-    train_sft.main(["--preset=llava-1.5-7b", *paths(files), f"--out_dir={sft}", "--max_steps=3", "--batch_size=4",
+    train_sft.main(["--preset=llava-1.5-7b", *paths(files), "--data=poseworld", "--dtype=float32",
+                    "--activation_checkpointing=false", f"--out_dir={sft}", "--max_steps=3", "--batch_size=4",
                     "--poseworld_size=60", "--retriever_pairs=80", "--retriever_steps=3", "--retriever_batch=16",
                     "--warmup_steps=1", "--num_threads=1"])
     policy, _, extra = M.load_checkpoint(sft, llava_path=files["llava"], pose_encoder_path=files["hmr2"])
@@ -127,7 +129,8 @@ def test_sft_rft_eval_on_real_format_files(files, tmp_path):
                        files["hub"]["vision_tower.vision_model.encoder.layers.0.self_attn.q_proj.weight"])
     assert torch.equal(params["pose_encoder.blocks.1.mlp.fc1.weight"], files["backbone"]["blocks.1.mlp.fc1.weight"])
 
-    train_rft.main(["--preset=llava-1.5-7b", *paths(files), f"--sft_dir={sft}", f"--out_dir={rft}", "--max_steps=2",
+    train_rft.main(["--preset=llava-1.5-7b", *paths(files), "--data=poseworld", "--dtype=float32",
+                    "--activation_checkpointing=false", f"--sft_dir={sft}", f"--out_dir={rft}", "--max_steps=2",
                     "--G=2", "--batch_size=2", "--max_new_tokens=10", "--eval=false", "--gallery_every=1",
                     "--num_threads=1"])
     rows = [json.loads(line) for line in open(rft / "metrics.jsonl")]
@@ -140,16 +143,22 @@ def test_sft_rft_eval_on_real_format_files(files, tmp_path):
 
     # bf16 as on the GPU (frozen base in bfloat16, trained tensors float32, autocast), with activation
     # checkpointing: runs on CPU too
-    cfg = train_rft.apply_overrides(train_rft.RFTConfig(), [f"--sft_dir={sft}", "--activation_checkpointing=true",
+    cfg = train_rft.apply_overrides(train_rft.RFTConfig(), ["--preset=llava-1.5-7b", f"--sft_dir={sft}",
+                                                            "--activation_checkpointing=true",
                                                             *paths(files)])
     assert train_rft.load_policy(cfg, torch.device("cpu"))[0].llava.language_model.model.gradient_checkpointing
-    train_rft.main(["--preset=llava-1.5-7b", *paths(files), f"--sft_dir={sft}", f"--out_dir={tmp_path / 'bf16'}",
+    train_rft.main(["--preset=llava-1.5-7b", *paths(files), "--data=poseworld", f"--sft_dir={sft}",
+                    f"--out_dir={tmp_path / 'bf16'}",
                     "--max_steps=1", "--G=2", "--batch_size=2", "--max_new_tokens=10", "--eval=false",
                     "--num_threads=1", "--dtype=bfloat16", "--activation_checkpointing=true"])
     row = json.loads(open(tmp_path / "bf16" / "metrics.jsonl").readline())
     assert np.isfinite(row["loss"]) and np.isfinite(row["grad_norm"]), row
 
-    out = subprocess.run([sys.executable, "eval.py", f"--ckpt={rft}", "--limit=24", f"--out_dir={tmp_path / 'ev'}",
+    refused = subprocess.run([sys.executable, "eval.py", f"--ckpt={rft}", *paths(files)], cwd=ROOT,
+                             capture_output=True, text=True)  # a 7B checkpoint, no real test set named
+    assert refused.returncode == 1 and "--pw3d_root" in refused.stderr and "--data=poseworld" in refused.stderr
+    out = subprocess.run([sys.executable, "eval.py", f"--ckpt={rft}", "--data=poseworld", "--limit=24",
+                          f"--out_dir={tmp_path / 'ev'}",
                           *paths(files)], cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.load(open(tmp_path / "ev" / "eval.json"))
@@ -162,3 +171,89 @@ def test_sft_rft_eval_on_real_format_files(files, tmp_path):
     (tmp_path / "other" / "config.json").write_text(json.dumps(other))
     with pytest.raises(ValueError, match="num_hidden_layers"):
         M.load_checkpoint(sft, llava_path=tmp_path / "other", pose_encoder_path=files["hmr2"])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Each preset owns its recipe (model.resolve_config, the scripts' RECIPES)
+
+
+@pytest.mark.parametrize("script", [train_sft, train_rft])
+def test_every_setting_is_in_the_7b_recipe_or_preset_free(script):
+    """A setting added to a config without a 7B value would carry the tiny world's value into 7B runs."""
+    config = script.SFTConfig if script is train_sft else script.RFTConfig
+    names = {f.name for f in dataclasses.fields(config)}
+    recipe = script.RECIPES["llava-1.5-7b"]
+    assert set(recipe) <= names and not set(recipe) & script.PRESET_FREE
+    assert names - set(recipe) - script.PRESET_FREE == set()
+    for name, (value, source) in recipe.items():
+        assert type(value) is type(getattr(config(), name)) or isinstance(getattr(config(), name), float), name
+        assert source.startswith(("paper: ", "choice")), (name, source)
+
+
+def test_the_7b_preset_alone_gives_the_papers_recipe():
+    rft, src = M.resolve_config(train_rft.RFTConfig(), ["--preset=llava-1.5-7b"], train_rft.RECIPES)
+    assert (rft.batch_size, rft.lr, rft.max_steps, rft.beta1, rft.beta2, rft.min_lr_ratio) == (16, 1e-6, 1000, 0.9, 0.95, 0)
+    assert rft.beta_i2p == rft.beta == 0.04 and rft.pose_samples == 1 and rft.joint_pathwise == 0
+    assert (rft.pose_kl, rft.G, rft.clip_eps, rft.algo) == ("k3", 8, 0.2, "hygrpo")
+    assert rft.data == "posescript,h36m,llava_instruct" and rft.max_new_tokens >= 128
+    assert rft.sft_dir != train_rft.RFTConfig().sft_dir and rft.out_dir != train_rft.RFTConfig().out_dir
+    assert src["lr"] == "paper: Table 4" and src["seed"] == "default"
+    assert [row[0] for row in M.departures(rft, "rft")] == ["text reward's embedder"]  # without --bge_path
+    rft.bge_path = "/models/bge-m3"
+    assert M.departures(rft, "rft") == []
+    sft, _ = M.resolve_config(train_sft.SFTConfig(), ["--preset=llava-1.5-7b"], train_sft.RECIPES)
+    assert (sft.batch_size, sft.lr, sft.max_steps, sft.beta1, sft.beta2) == (80, 3e-4, 10000, 0.9, 0.95)
+    # a flag still overrides the recipe, and says so
+    rft, src = M.resolve_config(train_rft.RFTConfig(), ["--lr=2e-6", "--preset=llava-1.5-7b"], train_rft.RECIPES)
+    assert rft.lr == 2e-6 and src["lr"] == "flag" and rft.max_steps == 1000
+    # the tiny preset is the dataclass's defaults, untouched
+    tiny, src = M.resolve_config(train_rft.RFTConfig(), [], train_rft.RECIPES)
+    assert tiny == train_rft.RFTConfig() and set(src.values()) == {"default"}
+    assert "pose samples per answer" in [row[0] for row in M.departures(tiny, "rft")]
+
+
+def test_the_global_batch_is_split_over_processes():
+    assert M.batch_split(80, 10, 8) == (10, 1) and M.batch_split(80, 10, 1) == (10, 8)
+    assert M.batch_split(16, 0, 2) == (8, 1) and M.batch_split(16, 32, 1) == (16, 1)
+    with pytest.raises(SystemExit, match="does not divide among 3"):
+        M.batch_split(16, 2, 3)
+    with pytest.raises(SystemExit, match="--micro_batch=3"):
+        M.batch_split(16, 3, 2)
+
+
+@pytest.mark.parametrize("script", [train_sft, train_rft])
+def test_the_7b_preset_without_real_data_is_one_error_before_any_weights(script, monkeypatch, tmp_path):
+    def no(*args, **kwargs):
+        raise AssertionError("weights or data were read before the check")
+    for name in ("load_checkpoint", "load_llava", "load_pose_encoder"):
+        monkeypatch.setattr(M, name, no)
+    monkeypatch.setattr(M.PoseLLaVA, "from_preset", no)
+    monkeypatch.setattr(data, "build_datasets", no)
+    monkeypatch.setattr(data, "PoseWorld", no)
+    with pytest.raises(SystemExit) as e:
+        script.main(["--preset=llava-1.5-7b", f"--out_dir={tmp_path}"])
+    message = str(e.value)
+    for flag in ("--llava_path", "--pose_encoder_path", "--smpl_path", "--posescript_root", "--h36m_npz",
+                 "--llava_instruct_json", "--data=poseworld"):
+        assert flag in message, (flag, message)
+    with pytest.raises(SystemExit, match="not found: --llava_path=/no/such"):
+        script.main(["--preset=llava-1.5-7b", "--llava_path=/no/such", f"--out_dir={tmp_path}"])
+
+
+def test_an_sft_checkpoint_of_another_preset_is_refused(tmp_path):
+    """ensure_sft reads the SFT run's config before any weights; a tiny SFT model is never taken for 7B."""
+    folder = tmp_path / "sft" / "checkpoint"
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"extra": {"stage": "sft", "step": 5, "finished": True,
+                                                              "config": {"preset": "tiny", "max_steps": 5}}}))
+    cfg = train_rft.RFTConfig(preset="llava-1.5-7b", sft_dir=str(tmp_path / "sft"))
+    with pytest.raises(SystemExit, match="made with --preset=tiny, but this run has --preset=llava-1.5-7b"):
+        train_rft.ensure_sft(cfg)
+    train_rft.ensure_sft(train_rft.RFTConfig(sft_dir=str(tmp_path / "sft")))  # the same preset: taken
+
+
+def test_the_readme_carries_the_departures_table():
+    """The one departures table: model.DEPARTURES, each preset's value from its own recipe. The README's
+    copy is regenerated with the command in train_rft.departures_markdown's docstring."""
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    assert train_rft.departures_markdown() in readme

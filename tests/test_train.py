@@ -74,10 +74,13 @@ def test_rft_resume_equals_uninterrupted_run(sft_dir, tmp_path):
     assert not any(n.startswith(("llava.vision_tower.", "pose_encoder.")) or "lora_" in n for n in moved)
 
 
-def test_sft_resume_equals_uninterrupted_run(tmp_path):
-    """The same for stage 1: optimiser, RNG, data position and schedule survive a stop."""
+@pytest.mark.parametrize("micro_batch", [0, 2])
+def test_sft_resume_equals_uninterrupted_run(tmp_path, micro_batch):
+    """The same for stage 1: optimiser, RNG, data position and schedule survive a stop, also when each step
+    accumulates micro-batches (the data position is then steps x passes)."""
     def cfg(out, **kw):
-        return train_sft.SFTConfig(out_dir=str(out), max_steps=4, batch_size=4, poseworld_size=120,
+        return train_sft.SFTConfig(out_dir=str(out), max_steps=4, batch_size=4, micro_batch=micro_batch,
+                                   poseworld_size=120,
                                    retriever_pairs=120, retriever_steps=2, retriever_batch=32, vocab_size=400,
                                    pretrain_steps=3, pretrain_images=64, pretrain_batch=8,
                                    save_every=2, warmup_steps=2, num_threads=1, **kw)
@@ -348,11 +351,18 @@ def test_unfinished_sft_is_resumed_or_refused(tmp_path):
     extra = json.load(open(sft / "checkpoint" / "config.json"))["extra"]
     assert extra["finished"] is False and extra["step"] == 2
     os.remove(sft / "retriever_eval" / "config.json")  # as a kill during the old, non-atomic save left it
+    # a 7B run is never resumed for the user: its SFT run's config says llava-1.5-7b (ensure_sft reads only that)
+    meta_path = sft / "checkpoint" / "config.json"
+    meta = json.load(open(meta_path))
+    saved = json.dumps(meta)
+    meta["extra"]["config"]["preset"] = "llava-1.5-7b"
+    meta_path.write_text(json.dumps(meta))
     big = train_rft.RFTConfig(preset="llava-1.5-7b", sft_dir=str(sft))
     with pytest.raises(SystemExit, match=rf"stopped at step 2 of 4: finish it with .*--out_dir={sft} --resume=true"):
         train_rft.ensure_sft(big)
     big.allow_unfinished_sft = True
     train_rft.ensure_sft(big)  # told otherwise: goes on
+    meta_path.write_text(saved)
     train_rft.main(SMALL + [f"--sft_dir={sft}", f"--out_dir={tmp_path / 'rft'}", "--max_steps=1",
                             "--num_threads=1", "--eval=true", "--eval_size=30"])
     extra = json.load(open(sft / "checkpoint" / "config.json"))["extra"]
@@ -605,3 +615,44 @@ def test_resume_keeps_fused_adamw_from_an_unfused_checkpoint():
     unfused.step()
     fused.step()
     torch.testing.assert_close(new.detach(), old.detach(), atol=1e-6, rtol=1e-6)
+
+
+def test_sft_accumulation_takes_the_mean_of_the_micro_batches(sft_dir):
+    """train_sft.accumulate_sft_gradients over two micro-batches leaves the gradient of the mean of their
+    two losses (what DDP's mean over two ranks gives), and reports that mean. Catches a loss not divided
+    by the number of passes (the gradient of the sum), or gradients zeroed between passes."""
+    import data
+    import model as M
+    import smpl
+    policy, tokenizer, _ = M.load_checkpoint(sft_dir)
+    policy.set_trainable("sft")
+    world = data.PoseWorld("val", size=None, seed=0, image_size=64)
+    collate = data.collate_fn(tokenizer, policy)
+    batches = [collate([world[i] for i in idx]) for idx in ((0, 1, 2), (3, 4, 5))]
+    cfg, body = train_sft.SFTConfig(), smpl.SMPL()
+    params = [p for p in policy.parameters() if p.requires_grad]
+    policy.zero_grad()
+    losses = [train_sft.sft_loss(policy, body, b, cfg)[0] for b in batches]
+    ((losses[0] + losses[1]) / 2).backward()
+    grad = lambda p: torch.zeros_like(p) if p.grad is None else p.grad.clone()  # noqa: E731
+    want = [grad(p) for p in params]
+    assert any(g.abs().max() > 0 for g in want)
+    policy.zero_grad()
+    total, parts = train_sft.accumulate_sft_gradients(policy, body, batches, cfg)
+    assert total == pytest.approx((losses[0].item() + losses[1].item()) / 2, rel=1e-6)
+    assert set(parts) == {"ce", "nll", "joint_m"}
+    for p, g in zip(params, want):
+        torch.testing.assert_close(grad(p), g, rtol=1e-5, atol=1e-7)
+
+
+def test_rft_accumulated_batch_normalises_by_the_whole_batch(sft_dir, tmp_path, monkeypatch):
+    """With --micro_batch, a step samples every micro-batch first and divides the loss by the candidates of
+    the whole global batch (N = prompts x G x pose samples), not by one micro-batch's."""
+    seen = []
+    real = train_rft.global_normalisers
+    monkeypatch.setattr(train_rft, "global_normalisers", lambda N, V, *a: seen.append(N) or real(N, V, *a))
+    train_rft.main(SMALL + [f"--sft_dir={sft_dir}", f"--out_dir={tmp_path / 'r'}", "--max_steps=2",
+                            "--batch_size=4", "--micro_batch=2", "--pose_samples=3", "--num_threads=1"])
+    assert seen == [4 * 2 * 3] * 2
+    rows = [json.loads(line) for line in open(tmp_path / "r" / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [1, 2] and all(math.isfinite(r["loss"]) for r in rows)
