@@ -103,12 +103,10 @@ class SFTConfig:
     # a little better (seed 0: 0.311 / 0.277 against 0.297 / 0.260) but cost 35 s of the main job's 10 minutes (README)
     retriever_batch: int = 256
     retriever_lr: float = 1e-3
-    # PoseWorld: each pair's twin (a nearby pose that breaks one of its caption's codes) as a hard negative.
-    # Rank agreement with the checker 0.245 -> 0.311 (seed 0); LoRA-era RFT gain +0.48 -> +1.11 over 3 seeds (README)
-    retriever_hard_negatives: bool = True
+    # PoseWorld: each pair's twin (a nearby pose that breaks one of its caption's codes) as a hard negative
+    retriever_hard_negatives: bool = True  # README, 'Departures'
     # tiny only (llava-1.5-7b's f_b IS the pretrained HMR2.0): the pose ViT f_b first learns image -> SMPL
-    # pose alone (pretrain_pose_encoder), a stand-in for HMR2.0's pretraining; 0 = from scratch. Seeds 0, 1 at 3000 SFT steps:
-    # image-to-pose 187.7 -> 155.3 and 185.7 -> 168.5 mm, posecode 68.2 -> 76.1 and 69.2 -> 76.3% (README)
+    # pose alone (pretrain_pose_encoder), a stand-in for HMR2.0's pretraining (README, 'Departures'); 0 = none
     pretrain_steps: int = 1000       # 30 s on 2 cores
     pretrain_images: int = 20000     # PoseWorld image-to-pose pairs of the train split, drawn with seed + 5
     pretrain_batch: int = 64
