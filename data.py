@@ -1729,15 +1729,16 @@ VIEWS = {
 
 
 def render_poses(joints, path: str, views=("front", "side"), titles=None, size: int = 128, cols: int | None = None,
-                 extent: float = 2.3, row_labels=None) -> torch.Tensor:
+                 extent: float = 2.3, row_labels=None, footers=None) -> torch.Tensor:
     """Write a PNG grid of skeletons, one cell per pose, and in each cell one size x size panel per view.
 
     joints: (N, 24, 3) tensor or a list of (24, 3), in the body frame (use pose_body for camera-frame
     poses); titles: N strings drawn in each cell's corner with a 3x5 font (optional); cols: cells per
     row (default ceil(sqrt(N))); extent: metres across a panel (the same scale in every panel, so
     poses can be compared); row_labels: one string per row of cells, drawn in a band above the row and
-    shortened to its width (optional). Orthographic views, the colours of the PoseWorld images. Used for the
-    training-progress figure (Fig. 5) and the README. Returns the image (3, H, W) uint8."""
+    shortened to its width (optional); footers: N strings drawn along each cell's bottom edge (optional).
+    Orthographic views, the colours of the PoseWorld images. Used for the training-progress figure (Fig. 5)
+    and the README. Returns the image (3, H, W) uint8."""
     J = (torch.stack([torch.as_tensor(j) for j in joints]) if isinstance(joints, (list, tuple))
          else torch.as_tensor(joints))
     if J.dim() != 3 or J.shape[1:] != (24, 3) or J.shape[0] == 0:
@@ -1745,8 +1746,9 @@ def render_poses(joints, path: str, views=("front", "side"), titles=None, size: 
     unknown = [v for v in views if v not in VIEWS]
     if unknown or not views:
         raise ValueError(f"views must be names from {tuple(VIEWS)}; got {views}")
-    if titles is not None and len(titles) != J.shape[0]:
-        raise ValueError(f"titles must give one string per pose ({J.shape[0]}); got {len(titles)}")
+    for name, texts in (("titles", titles), ("footers", footers)):
+        if texts is not None and len(texts) != J.shape[0]:
+            raise ValueError(f"{name} must give one string per pose ({J.shape[0]}); got {len(texts)}")
     N, V = J.shape[0], len(views)
     cols = cols or math.ceil(math.sqrt(N))
     rows = math.ceil(N / cols)
@@ -1775,6 +1777,10 @@ def render_poses(joints, path: str, views=("front", "side"), titles=None, size: 
     for i, title in enumerate(titles or []):
         r, c = divmod(i, cols)
         _draw_text(canvas, str(title), r * size + 3, c * V * size + 3, scale=s)
+    for i, footer in enumerate(footers or []):
+        r, c = divmod(i, cols)
+        _draw_text(canvas, _fit(str(footer), (V * size - 6) // (4 * s)), (r + 1) * size - 8 * s, c * V * size + 3,
+                   scale=s)
     if row_labels is not None:  # a darker band above each row of cells holds its label
         strips = []
         for r, label in enumerate(row_labels):

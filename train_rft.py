@@ -731,12 +731,16 @@ class Gallery:
     split), drawn in the body frame (their heading and tilt undone, as the retrievers see them). Real data
     without PoseScript has no captions: no gallery."""
 
+    # PoseWorld's rows: a kick, a lunge, a bow and a raised arm, each the first val caption of its archetype
+    # that names a code of the family it shows (so legs, feet, torso and arms are all asked about)
+    SHOWN = (("kicking", "raised_foot"), ("lunge", "left_knee"), ("bending", "torso_pitch"),
+             ("arms_up", "left_hand_height"))
+
     def __init__(self, cfg, train_set, tokenizer, body_model, device, n=4):
         self.frame = None  # PoseWorld's text-to-pose poses are in the body frame already
         if cfg.data == "poseworld":
             val = data.PoseWorld("val", seed=cfg.seed, image_size=cfg.image_size)
-            idx = val.task_indices("t2p")[:n]
-            self.samples = [val[int(i)] for i in idx]
+            self.samples = poseworld_gallery_samples(val, self.SHOWN[:n])
         elif "posescript" in cfg.data:
             val = data.PoseScript(cfg.posescript_root, cfg.amass_root, split="val")
             val = val if len(val) else data.PoseScript(cfg.posescript_root, cfg.amass_root, split="test")
@@ -766,13 +770,47 @@ class Gallery:
             gt = self.in_frame(smpl.pose_joints(M.pose_to_rot6d(pose), self.body_model))  # (n, 24, 3)
         grid = torch.stack([gt] + self.columns, dim=1).flatten(0, 1)  # (n * (1 + steps), 24, 3)
         heads = ["GT"] + [f"step {k}" for k in self.steps]  # every cell names its column: no looking up
+        footers = None
+        if self.samples[0].get("codes") is not None:  # PoseWorld: which of the caption's codes each answer meets
+            footers = [code_marks(J, s) for s, row in zip(self.samples, grid.view(len(self.samples), -1, 24, 3))
+                       for J in row]
         data.render_poses(grid, self.path, views=("front", "side"), cols=1 + len(self.columns),
-                          titles=heads * len(self.samples), row_labels=[s["caption"] for s in self.samples])
+                          titles=heads * len(self.samples), row_labels=[s["caption"] for s in self.samples],
+                          footers=footers)
 
     def in_frame(self, joints):
         """(n, 24, 3) joints on the CPU, in the frame the figure draws."""
         joints = joints.detach().float().cpu()
         return joints if self.frame is None else self.frame(joints)
+
+
+def poseworld_gallery_samples(world, shown):
+    """For each (archetype, family) of `shown`, the first text-to-pose sample of `world` of that archetype
+    whose caption names a code of that family (else of the archetype, else any text-to-pose sample)."""
+    t2p = [int(i) for i in world.task_indices("t2p")]
+    names = [a.name for a in data.ARCHETYPES]
+    out = []
+    for archetype, family in shown:
+        k, f = names.index(archetype), data.POSECODE_INDEX[family]
+        rows = [i for i in t2p if int(world.archetype[i]) == k and i not in out]
+        named = [i for i in rows if world.mentioned[i, f]]
+        out.append((named or rows or [i for i in t2p if i not in out])[0])
+    return [world[i] for i in out]
+
+
+# short names of the posecode families for the gallery's marks (the 3x5 font has no ticks): + met, - missed
+CODE_ABBREV = {"left_elbow": "LE", "right_elbow": "RE", "left_knee": "LK", "right_knee": "RK",
+               "left_hand_height": "LHH", "right_hand_height": "RHH", "left_hand_side": "LHS",
+               "right_hand_side": "RHS", "left_hand_forward": "LHF", "right_hand_forward": "RHF",
+               "hands_distance": "HD", "feet_distance": "FD", "raised_foot": "RF", "foot_forward": "FF",
+               "hips_height": "HH", "torso_pitch": "TP", "torso_roll": "TR", "head_pitch": "HP"}
+
+
+def code_marks(joints, sample):
+    """"LK+ FD- RF+": each code the caption names, and whether the pose (24, 3) meets it (data.posecodes)."""
+    got = data.posecodes(joints[None])[0]  # (K,)
+    return " ".join(f"{CODE_ABBREV[f.name]}{'+' if got[k] == sample['codes'][k] else '-'}"
+                    for k, f in enumerate(data.POSECODES) if sample["mentioned"][k])
 
 
 def write_reward_curves(metrics_path, svg_path):

@@ -211,3 +211,23 @@ def test_gallery_labels_rows_and_columns(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="row_labels"):
         data.render_poses(torch.zeros(3, 24, 3), str(tmp_path / "x.png"), cols=3, row_labels=["a", "b"])
     assert data._fit("The person's left leg is straight.", 12) == "The person.."
+
+
+def test_gallery_shows_legs_torso_and_arms_and_marks_each_code():
+    """The gallery's PoseWorld rows are a kick, a lunge, a bow and a raised arm whose captions name a code
+    of the family they show, and under each answer every code of its caption is marked met (+) or missed
+    (-). Catches a gallery of arm-only captions, and marks that do not follow the pose."""
+    import data
+    import train_rft
+    world = data.PoseWorld("val", seed=0, image_size=32)
+    samples = train_rft.poseworld_gallery_samples(world, train_rft.Gallery.SHOWN)
+    names = [data.ARCHETYPES[s["archetype"]].name for s in samples]
+    assert names == ["kicking", "lunge", "bending", "arms_up"]
+    for s, (_, family) in zip(samples, train_rft.Gallery.SHOWN):
+        assert s["mentioned"][data.POSECODE_INDEX[family]]
+        marks = train_rft.code_marks(s["joints"], s).split()
+        assert len(marks) == int(s["mentioned"].sum()) and all(m.endswith("+") for m in marks)  # GT meets all
+    kick = samples[0]
+    standing = world[[int(i) for i in world.task_indices("t2p") if data.ARCHETYPES[world.archetype[i]].name
+                      == "standing"][0]]["joints"]
+    assert "RF-" in train_rft.code_marks(standing, kick).split()  # feet level: the raised foot is missed
