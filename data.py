@@ -1484,15 +1484,33 @@ def to_device(batch: dict, device) -> dict:
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def build_datasets(cfg, split: str):
+def parse_task_mix(spec: str) -> tuple:
+    """"t2p:2,i2p:2,vqa:1" -> the weights of TASKS in order, (2.0, 2.0, 1.0); a task left out gets 0."""
+    weights = dict.fromkeys(TASKS, 0.0)
+    for item in filter(None, (x.strip() for x in spec.split(","))):
+        task, _, w = item.partition(":")
+        if task not in weights:
+            raise SystemExit(f"--task_mix: unknown task {task!r} in {spec!r}; tasks are {', '.join(TASKS)}")
+        try:
+            weights[task] = float(w)
+        except ValueError:
+            raise SystemExit(f"--task_mix: {item!r} is not task:weight") from None
+    if any(w < 0 for w in weights.values()) or sum(weights.values()) <= 0:
+        raise SystemExit(f"--task_mix={spec!r}: weights must be >= 0, with at least one > 0")
+    return tuple(weights[t] for t in TASKS)
+
+
+def build_datasets(cfg, split: str, mix: tuple | None = None):
     """PoseWorld, or a concatenation of the real data sets named in cfg.data (Sec. 4.1). cfg: a training
-    script's config (its data fields: data, seed, poseworld_size, image_size and the real sets' paths)."""
+    script's config (its data fields: data, seed, poseworld_size, image_size and the real sets' paths).
+    mix: PoseWorld's task weights for the train split (parse_task_mix; None = thirds): the same poses."""
     names = [n.strip() for n in cfg.data.split(",") if n.strip()]
     sets = []
     for name in names:
         if name == "poseworld":
             size = cfg.poseworld_size if split == "train" else None
-            sets.append(PoseWorld(split, size=size, seed=cfg.seed, image_size=cfg.image_size))
+            sets.append(PoseWorld(split, size=size, seed=cfg.seed, image_size=cfg.image_size,
+                                  mix=mix if split == "train" else None))
         elif name == "posescript":
             sets.append(PoseScript(cfg.posescript_root, cfg.amass_root, split=split))
         elif name == "h36m":

@@ -3093,6 +3093,12 @@ DEPARTURES = [
               lambda c: f"CE {c.ce_weight:g} + NLL {c.nll_weight:g} + joint {c.joint_weight:g}"
               + (f", beta-NLL {c.nll_beta:g}" if c.nll_beta else "") + (", mean-only head" if c.deterministic_head else ""),
               "the NLL sums 144 numbers; the SMPL joint term gives the mean a metric target"),
+    Departure("sft", "SFT task mix", "not stated",
+              lambda c: c.task_mix if c.task_mix and "poseworld" in c.data else None,
+              "text-to-pose needs more answers than the other two tasks to follow every part of a caption"),
+    Departure("sft", "posecode loss (auxiliary)", "none",
+              lambda c: f"weight {c.posecode_weight:g}" if c.posecode_weight else None,
+              "without it h at <POSE> knew that a foot was raised but not which, and the legs stayed average"),
     Departure("sft", "retrievers", "PoseScript's retrieval model (training not stated)",
               lambda c: "two, on disjoint caption halves" + (", PoseWorld twins as hard negatives"
                                                              if c.retriever_hard_negatives and "poseworld" in c.data else ""),

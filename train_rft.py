@@ -331,20 +331,7 @@ def part_metrics(p, weights):
     return metrics
 
 
-def parse_task_mix(spec):
-    """"t2p:2,i2p:2,vqa:1" -> the weights of data.TASKS in order, (2.0, 2.0, 1.0); a task left out gets 0."""
-    weights = dict.fromkeys(data.TASKS, 0.0)
-    for item in filter(None, (x.strip() for x in spec.split(","))):
-        task, _, w = item.partition(":")
-        if task not in weights:
-            raise SystemExit(f"--task_mix: unknown task {task!r} in {spec!r}; tasks are {', '.join(data.TASKS)}")
-        try:
-            weights[task] = float(w)
-        except ValueError:
-            raise SystemExit(f"--task_mix: {item!r} is not task:weight") from None
-    if any(w < 0 for w in weights.values()) or sum(weights.values()) <= 0:
-        raise SystemExit(f"--task_mix={spec!r}: weights must be >= 0, with at least one > 0")
-    return tuple(weights[t] for t in data.TASKS)
+parse_task_mix = data.parse_task_mix  # "t2p:6,i2p:2,vqa:1" -> weights of data.TASKS
 
 
 def semantic_checker_agreement(cands, per_reward, G):

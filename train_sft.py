@@ -41,6 +41,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
@@ -67,6 +68,7 @@ class SFTConfig:
     # data
     data: str = "poseworld"          # "poseworld" (the tiny world), or real sets: "posescript,h36m,llava_instruct"
     poseworld_size: int = 6000       # training samples of PoseWorld (t2p / i2p / vqa mixed)
+    task_mix: str = "t2p:8,i2p:1,vqa:1"  # PoseWorld's training tasks (the same poses); "" = thirds (README, 'Departures')
     image_size: int = 64             # PoseWorld image side in pixels
     posescript_root: str = ""        # real data paths (see README "Real weights and data")
     amass_root: str = ""
@@ -94,6 +96,7 @@ class SFTConfig:
     nll_weight: float = 0.005        # Gaussian NLL of the GT pose (summed over 144 dims, so scaled down)
     nll_beta: float = 0.0            # 1 = beta-NLL (pose_nll, not the paper): t2p 69.5 -> 73.5%, RFT +0.4 (README)
     joint_weight: float = 20.0       # mean per-joint position error through SMPL, metres
+    posecode_weight: float = 5.0     # auxiliary: classify the caption's posecodes from h at <POSE> (posecode_loss)
     deterministic_head: bool = False  # Table 3 "Baseline": mean-only pose head
     tiny_sizes: str = ""             # tiny model sizes, e.g. "llm_hidden=192,llm_layers=6" (model._tiny_config)
     # the tokenizer (tiny) and the two retrievers
@@ -141,6 +144,8 @@ RECIPES = {"llava-1.5-7b": {
     "nll_beta": (0.0, "paper: Eq. 2, the plain likelihood"),
     "joint_weight": (20.0, "choice: not stated; a metric target for the mean (as tiny)"),
     "deterministic_head": (False, "paper: Eq. 2, the Gaussian head"),
+    "posecode_weight": (0.0, "paper: no auxiliary loss"),
+    "task_mix": ("", "choice: the real sets as they come (PoseWorld only)"),
     "retriever_steps": (5000, "choice: not stated; PoseScript's retrieval model is trained by its authors"),
     "retriever_batch": (256, "choice: not stated"),
     "retriever_lr": (2e-4, "choice: not stated"),
@@ -309,10 +314,39 @@ def pose_nll(p, mu, log_std, beta=0.0, log_std_ref=0.0):
     return nll.sum(-1).mean()
 
 
-def sft_loss(policy, body_model, batch, cfg):
-    """Cross-entropy on the answer tokens + Gaussian NLL of the GT pose (Eq. 2) + SMPL joint error.
+def posecode_loss(head, h, codes, mentioned):
+    """Cross-entropy of a linear classifier on h at <POSE> (n, d) for each posecode the caption names
+    (codes, mentioned (n, K)): not in the paper, the tiny preset's auxiliary SFT loss (README,
+    'Departures'). With the Gaussian and joint losses alone, the tiny LLM's h at <POSE> learned that a foot
+    is raised but not which one (a linear probe told left from right at chance), so its answers kept the
+    feet level, as the average pose of a left/right-symmetric world does. Naming each code forces h to
+    carry it; the classifier is thrown away after SFT. Returns () (0 when nothing is mentioned)."""
+    C = max(len(f.categories) for f in data.POSECODES)
+    logits = head(h).view(len(h), data.K, C)  # (n, K, C)
+    sizes = torch.tensor([len(f.categories) for f in data.POSECODES], device=h.device)  # (K,)
+    logits = logits.masked_fill(torch.arange(C, device=h.device) >= sizes[:, None], -1e9)  # (n, K, C)
+    if not mentioned.any():
+        return logits.sum() * 0
+    return F.cross_entropy(logits[mentioned].float(), codes[mentioned])
 
-    Returns (loss, parts) where parts holds the three terms as floats for logging."""
+
+def make_posecode_head(policy, cfg):
+    """posecode_loss's classifier (d -> K x categories), drawn from its own RNG so the policy's weights and
+    the rest of the run's random numbers are those of a run without it; None when its weight is 0."""
+    if not cfg.posecode_weight:
+        return None
+    C = max(len(f.categories) for f in data.POSECODES)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed + 7)
+        head = nn.Linear(policy.config.llava.text_config.hidden_size, data.K * C)
+    return head.to(next(policy.parameters()).device)
+
+
+def sft_loss(policy, body_model, batch, cfg, posecode_head=None):
+    """Cross-entropy on the answer tokens + Gaussian NLL of the GT pose (Eq. 2) + SMPL joint error, and
+    with posecode_head the auxiliary posecode loss of the text-to-pose rows that carry PoseWorld's codes.
+
+    Returns (loss, parts) where parts holds the terms as floats for logging."""
     answer = batch["labels"] != data.IGNORE_INDEX  # (B, T) read <POSE> in the answer only
     predicts_answer = F.pad(answer[:, 1:], (0, 1))  # (B, T) position t predicts token t + 1, an answer token
     out = policy(batch["input_ids"], batch["attention_mask"], batch.get("clip_pixels"),
@@ -331,17 +365,31 @@ def sft_loss(policy, body_model, batch, cfg):
     else:
         nll, joint = zero, zero
     loss = cfg.ce_weight * ce + cfg.nll_weight * nll + cfg.joint_weight * joint
-    return loss, {"ce": ce.item(), "nll": nll.item(), "joint_m": joint.item()}
+    parts = {"ce": ce.item(), "nll": nll.item(), "joint_m": joint.item()}
+    if posecode_head is not None and isinstance(batch.get("codes"), list):
+        t2p = torch.tensor([t == "t2p" and c is not None for t, c in zip(batch["task"], batch["codes"])],
+                           device=out.found.device) & out.found  # (B,)
+        if t2p.any():
+            rows = t2p.nonzero().flatten()  # (n,)
+            h = out.hidden_states[rows, out.pose_position[rows]]  # (n, d) h at <POSE>, as the pose head reads it
+            codes = torch.stack([batch["codes"][i] for i in rows.tolist()]).to(h.device)  # (n, K)
+            mentioned = torch.stack([batch["mentioned"][i] for i in rows.tolist()]).to(h.device)  # (n, K)
+            aux = posecode_loss(posecode_head, h, codes, mentioned)
+        else:
+            aux = zero
+        loss = loss + cfg.posecode_weight * aux
+        parts["posecode"] = aux.item()
+    return loss, parts
 
 
-def accumulate_sft_gradients(policy, body_model, batches, cfg, autocast=contextlib.nullcontext()):
+def accumulate_sft_gradients(policy, body_model, batches, cfg, autocast=contextlib.nullcontext(), posecode_head=None):
     """Backward of the mean of sft_loss over this rank's micro-batches: the gradient of one pass over
     them all when they weigh alike, as DDP's mean over ranks is (one GPU with 8 micro-batches and eight
     GPUs with one each take the same step). Returns (loss, parts), averaged the same way, as floats."""
     total, parts = 0.0, {}
     for batch in batches:
         with autocast:
-            loss, micro_parts = sft_loss(policy, body_model, batch, cfg)
+            loss, micro_parts = sft_loss(policy, body_model, batch, cfg, posecode_head)
         (loss / len(batches)).backward()
         total += loss.item() / len(batches)
         for k, v in micro_parts.items():
@@ -397,7 +445,7 @@ def main(argv=None, cfg=None):
            f"{world_size} x {micro} x {accum} accumulated\n" + M.format_config(cfg, sources))
     print0(M.format_departures(M.departures(cfg, "sft")))
 
-    train_set = data.build_datasets(cfg, "train")
+    train_set = data.build_datasets(cfg, "train", mix=data.parse_task_mix(cfg.task_mix) if cfg.task_mix else None)
     if cfg.resume:  # the run's own vocabulary
         tokenizer = M.Tokenizer.from_file(os.path.join(cfg.out_dir, M.CHECKPOINT_DIR, "tokenizer.json"))
     elif cfg.preset == "tiny":
@@ -417,6 +465,9 @@ def main(argv=None, cfg=None):
     params = [p for p in policy.parameters() if p.requires_grad]
     print0(f"policy: {sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M parameters, "
            f"{sum(p.numel() for p in params) / 1e6:.2f}M trained")
+    posecode_head = make_posecode_head(policy, cfg)  # SFT only: not part of the policy or its checkpoint
+    if posecode_head is not None:
+        params = params + list(posecode_head.parameters())
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     # fused: one op for all tensors (on the CPU one pass over each) instead of ~10 small ops per tensor.
@@ -433,6 +484,8 @@ def main(argv=None, cfg=None):
         saved = M.load_checkpoint(cfg.out_dir, llava_path=cfg.llava_path or None,
                                   pose_encoder_path=cfg.pose_encoder_path or None, device=device)[0]
         policy.load_state_dict(saved.state_dict())
+        if posecode_head is not None:
+            posecode_head.load_state_dict(state["posecode_head"])
         load_optimizer_state(opt, state["optimizer"])
         restore_rng_states(state, rank, world_size)
         step = state["step"]
@@ -454,7 +507,7 @@ def main(argv=None, cfg=None):
             group["lr"] = lr
         opt.zero_grad(set_to_none=True)
         batches = [data.to_device(next(loader), device) for _ in range(accum)]  # this rank's share of the batch
-        total, parts = accumulate_sft_gradients(policy, body_model, batches, cfg, autocast)
+        total, parts = accumulate_sft_gradients(policy, body_model, batches, cfg, autocast, posecode_head)
         average_gradients(params, world_size)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item()
         check_finite_update(total, grad_norm, cfg, step)
@@ -471,7 +524,7 @@ def main(argv=None, cfg=None):
         if step % cfg.save_every == 0 or step == last:
             rng = rng_states(world_size)  # every rank takes part; rank 0 saves
             if master:
-                save(policy, tokenizer, opt, step, cfg, rng, sources)
+                save(policy, tokenizer, opt, step, cfg, rng, sources, posecode_head)
     bar.close()
     if world_size > 1:
         dist.barrier()
@@ -482,7 +535,7 @@ def main(argv=None, cfg=None):
     return policy, tokenizer
 
 
-def save(policy, tokenizer, opt, step, cfg, rng=None, sources=None):
+def save(policy, tokenizer, opt, step, cfg, rng=None, sources=None, posecode_head=None):
     """out_dir/checkpoint: the policy and what --resume needs (optimiser, every rank's RNG, step), in one
     atomic swap; `finished` records whether the run reached max_steps (train_rft.py checks it)."""
     rng = rng or rng_states(1)
@@ -490,7 +543,8 @@ def save(policy, tokenizer, opt, step, cfg, rng=None, sources=None):
                       extra={"stage": "sft", "step": step, "finished": step >= cfg.max_steps,
                              "config": dataclasses.asdict(cfg), "sources": sources or {}},
                       train_state={"optimizer": opt.state_dict(), "torch_rng": rng[0]["torch_rng"],
-                                   "rng_per_rank": rng, "step": step})
+                                   "rng_per_rank": rng, "step": step,
+                                   **({"posecode_head": posecode_head.state_dict()} if posecode_head else {})})
 
 
 if __name__ == "__main__":

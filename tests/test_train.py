@@ -656,3 +656,31 @@ def test_rft_accumulated_batch_normalises_by_the_whole_batch(sft_dir, tmp_path, 
     assert seen == [4 * 2 * 3] * 2
     rows = [json.loads(line) for line in open(tmp_path / "r" / "metrics.jsonl")]
     assert [r["step"] for r in rows] == [1, 2] and all(math.isfinite(r["loss"]) for r in rows)
+
+
+def test_posecode_loss_scores_only_the_mentioned_codes():
+    """train_sft.posecode_loss: the cross-entropy of each mentioned code under a linear classifier, with the
+    categories a family does not have masked out. Checked against a hand-built classifier: it is log(C_k)
+    for uniform logits over a family's C_k categories, changes when a mentioned code changes and not when an
+    unmentioned one does. Catches a loss over every code, or over categories a family does not have."""
+    import data
+    C = max(len(f.categories) for f in data.POSECODES)
+    head = torch.nn.Linear(4, data.K * C)
+    torch.nn.init.zeros_(head.weight), torch.nn.init.zeros_(head.bias)  # uniform logits
+    h = torch.randn(2, 4)
+    codes = torch.zeros(2, data.K, dtype=torch.long)
+    mentioned = torch.zeros(2, data.K, dtype=torch.bool)
+    k_bend, k_feet = data.POSECODE_INDEX["left_elbow"], data.POSECODE_INDEX["feet_distance"]  # 4 and 3 categories
+    mentioned[0, k_bend] = mentioned[1, k_feet] = True
+    want = (math.log(4) + math.log(3)) / 2
+    assert train_sft.posecode_loss(head, h, codes, mentioned).item() == pytest.approx(want, rel=1e-6)
+    other = codes.clone()
+    other[0, data.POSECODE_INDEX["torso_roll"]] = 2  # not mentioned: no effect
+    assert train_sft.posecode_loss(head, h, other, mentioned).item() == pytest.approx(want, rel=1e-6)
+    with torch.no_grad():  # favour category 1 of the left elbow: its code 0 costs more, its code 1 less
+        head.bias.view(data.K, C)[k_bend, 1] = 2.0
+    worse = train_sft.posecode_loss(head, h, codes, mentioned).item()
+    codes[0, k_bend] = 1
+    better = train_sft.posecode_loss(head, h, codes, mentioned).item()
+    assert better < want < worse
+    assert train_sft.posecode_loss(head, h, codes, torch.zeros_like(mentioned)).item() == 0
