@@ -1,4 +1,5 @@
-"""Evaluation: the paper's metrics (Sec. 4.1, "Metrics"; Tables 1, 2, 6).
+"""Evaluation: the paper's metrics (Sec. 4.1, "Metrics"; Tables 1, 2, 6), and PoseWorld's posecode accuracy
+per family and body region (not in the paper; its exact checker).
 
 Image-to-pose: MPJPE and PA-MPJPE, the mean Euclidean distance between predicted and ground-truth 3D
 joints without and with Procrustes alignment (Table 1). Text-to-pose: Recall@K, K = 5, 10, 20, in
@@ -8,7 +9,7 @@ Figures: the reward curves of one run or of several runs over seeds (Fig. 4, Tab
 panel per reward and task (`reward_curves_svg`, `comparison_svg`; `python eval.py --compare ... --figure=f.svg`).
 
 The metric functions are pure functions over tensors and come first; then the evaluation of a policy,
-the tables and the command line; the SVG figures last, under "File formats: not in the paper". Units:
+the tables, the command line and --ask; the SVG figures last, under "File formats: not in the paper". Units:
 joints in metres in, errors in metres out; printed tables multiply by 1000 for millimetres. Recalls are
 in percent.
 """
@@ -913,9 +914,13 @@ def paper_table(which: str, groups: dict) -> str:
 
 
 def main(argv=None):
-    """Evaluate a checkpoint: PoseWorld test (image-to-pose, text-to-pose with both retrievers under both
-    protocols, posecode accuracy, VQA, format), plus 3DPW / Human3.6M test when their paths are given.
-    Prints the table and writes eval.json and eval.md next to the checkpoint (or to --out_dir)."""
+    """Score a checkpoint: on PoseWorld's split (a tiny checkpoint, or --data=poseworld: image-to-pose,
+    text-to-pose with both retrievers under both protocols, posecode accuracy per family, VQA, format) and
+    on the real test sets whose paths are given (3DPW, Human3.6M, PoseScript). Prints the table and writes
+    eval.json and eval.md next to the checkpoint (or to --out_dir). Other modes:
+      python eval.py --compare NAME=run_s0,run_s1,run_s2 [NAME2=...] [--figure=curves.svg]  (gains over seeds)
+      python eval.py --table=3|6 ROW=eval_s0.json,eval_s1.json [ROW2=...]  (the paper's Table 3 or 6)
+      python eval.py --ckpt=out/tiny-rft --ask="a caption" | --image=photo.png [--question="..."]"""
 
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0].startswith("--table"):  # python eval.py --table=3 LABEL=a0.json,a1.json LABEL=...
@@ -955,7 +960,7 @@ def main(argv=None):
         table = compare_runs(groups)
         print(table)
         return table
-    p = argparse.ArgumentParser(description=main.__doc__)
+    p = argparse.ArgumentParser(description=main.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True, help="a checkpoint folder written by train_sft.py / train_rft.py")
     p.add_argument("--retrievers", default="", help="folder holding retriever_eval/ and retriever_reward/ "
                    "(default: the checkpoint's SFT folder)")

@@ -21,7 +21,7 @@ What it is built from (in the order of the forward pass)
 6. CLIP ViT     the vision tower as LLaVA uses it (features of the second-to-last layer) and the projector;
 7. `Llava`      image features written into the image-token slots of the prompt, `forward` for training
                 and scoring, `generate` for batched sampling (what the RFT loop spends its time in);
-8. LoRA         `LoRALinear`, `apply_lora`, `merge_lora`, `lora_disabled`: RFT trains the adapters;
+8. LoRA         `LoRALinear`, `apply_lora`, `merge_lora`, `lora_disabled`: the 7B preset trains the adapters;
 9. pose ViT     `PoseViT`, the pose-aware encoder f_b (HMR2.0's ViT-H backbone, ViTPose layout).
 
 File formats: not in the paper
@@ -251,9 +251,8 @@ class PoseLLaVA(nn.Module):
         duplicate the full weights; they stay at B = 0, so the SFT model is the plain network.
         tiny RFT: the same, less the encoders f_a, f_b (a rollout stores their features, policy_logprobs):
         the whole 4-layer LLM, W_a, W_b and the head, 1.2M numbers. Not the paper's setting (adapters on
-        a frozen 7B LLM): at beta 0.1 over three seeds, LoRA + heads (0.24M numbers) gained 1.11 posecode
-        points and the whole LLM 1.88 (README, "What it took"). A 7B LLM brings general features the
-        adapters can recombine; the tiny one, trained from scratch on SFT's objective, must change its own.
+        a frozen 7B LLM; README, 'Departures'): a 7B LLM brings general features the adapters can
+        recombine; the tiny one, trained from scratch on SFT's objective, must change its own.
         """
         if stage not in ("sft", "rft"):
             raise ValueError(f"stage={stage!r}; expected 'sft' or 'rft'")
@@ -351,7 +350,7 @@ def build_pose_llava(config, device="cpu", dtype=torch.float32):
 # over 144 dimensions would need 144 * 145 / 2 = 10440 outputs and a Cholesky factor per sample, while
 # what the paper's policy needs, sampling, log-densities for the ratio r_c and an entropy, are O(D) sums
 # over independent dimensions (as in continuous PPO policies). Correlations between joints are then
-# carried only by the mean (hygrpo.py, departure 6).
+# carried only by the mean (hygrpo.py's note 8).
 
 POSE_DIM = smpl.NUM_JOINTS * 6  # D = 144
 
@@ -477,7 +476,7 @@ def sample_policy(model, batch, G, max_new_tokens, temperature=1.0, top_p=1.0, g
     """Sample G hybrid answers per prompt: text a_i by Llava.generate (KV cache, stopping at eos), and for
     every answer that emitted `<POSE>`, a pose p_i from the Gaussian head at that token (Eq. 1, 2).
 
-    pose_samples = M > 1 (not in the paper; hygrpo.py note 16): each answer's pose is drawn M times from
+    pose_samples = M > 1 (not in the paper; hygrpo.py note 9): each answer's pose is drawn M times from
     its Gaussian, so a prompt has G x M candidates (a_i, p_ij), rows i*M .. i*M+M-1 sharing one answer.
     The text is generated, and later scored, once per answer; only the cheap pose draws are repeated.
     The returned Rollout then has G = G x M candidates per prompt and pose_samples = M.
@@ -2903,7 +2902,7 @@ def check_config(cfg):
         problems.append(f"--stop_after={cfg.stop_after}: 0 (run to --max_steps) or a number of steps")
     if hasattr(cfg, "G") and cfg.G < 2:
         problems.append(f"--G={cfg.G}: at least 2 candidates per prompt (Eq. 16 compares each with its group; "
-                        f"with 1 every advantage is 0)")
+                        f"with 1 every text advantage F_hat is 0)")
     if hasattr(cfg, "temperature") and not cfg.temperature > 0:
         problems.append(f"--temperature={cfg.temperature}: must be > 0 in RFT (0 is greedy decoding: the G "
                         f"candidates coincide and the sampling policy has no log-probabilities)")
@@ -3079,7 +3078,7 @@ DEPARTURES = [
               _data_sets, "no data set can be downloaded here; BEDLAM-Script has no public file format"),
     Departure("sft", "pose-ViT pretraining", "HMR2.0's (millions of images)",
               lambda c: f"{c.pretrain_steps} steps on PoseWorld images" if c.preset == "tiny" and c.pretrain_steps else None,
-              "stand-in for HMR2.0's pretraining; without it f_b learns from a few thousand answers",
+              "stand-in for HMR2.0's pretraining; without it f_b learns from SFT's few image-to-pose answers alone",
               "seeds 0, 1 (3000 SFT steps): image-to-pose 187.7 -> 155.3 and 185.7 -> 168.5 mm"),
     Departure("sft", "trained in SFT", "LoRA, W_a, W_b, pose head (CLIP and pose ViT frozen)",
               _tiny("everything (LLM, CLIP, pose ViT too)"), "a model trained from scratch has no frozen base to keep"),
@@ -3115,7 +3114,7 @@ DEPARTURES = [
               "as SFT"),
     Departure("rft", "RFT task mix", "not stated (7B preset: the three tasks alike)",
               lambda c: c.task_mix if c.preset == "tiny" and c.task_mix else None,
-              "SFT's thirds give too few text-to-pose prompts for the semantic reward"),
+              "thirds give too few text-to-pose prompts for the semantic reward"),
     Departure("rft", "pose samples per answer", "1 (Eq. 6)",
               lambda c: f"{c.pose_samples} (G x {c.pose_samples} poses a prompt)" if c.pose_samples > 1 else None,
               "poses are cheap to draw once the answer is decoded; more of them steady Delta_hat",

@@ -28,7 +28,7 @@ The file, top-down:
 - the four rewards of Sec. 3.3: `joint` (Eq. 7), `semantic` (Eq. 8), `format` (Eq. 9), `text` (Eq. 10);
 - `compute_rewards` (R_d and R_c of one step), `parse_weights`, `reward_means`;
 - diagnostics and class exercises (`oracle`, `limits`, `symmetry`): not in the paper;
-- what the rewards need: the text embedder E of Eq. 10 (`MeanPoolEmbedder`, the tiny preset's stand-in)
+- what the rewards need: the text embedder E of Eq. 10 (`MeanPoolEmbedder`, the stand-in without --bge_path)
   and the text-pose retrieval model phi_t, phi_p of Eq. 8 (after PoseScript, Delmas et al. 2022):
   `PoseTextRetriever`, its contrastive training `train_retriever`, and `split_halves`, which gives the two
   disjoint training halves of the reward retriever and the evaluation retriever (Table 6);
@@ -127,8 +127,9 @@ def register_reward(name: str, kind: str, tasks: Sequence[str]):
 # ----------------------------------------------------------------------------------------------------
 # Candidates and context: what the RFT loop hands to the rewards
 #
-# One RFT step samples G answers for each of B prompts: N = B x G candidates, each a text a_i and,
-# when the text holds <POSE>, a pose p_i. The loop decodes the texts, turns the poses into SMPL joints,
+# One RFT step samples G answers for each of B prompts, each answer with pose_samples poses: N = B x G x
+# pose_samples candidates (an answer's pose draws are consecutive rows sharing its text), each a text a_i
+# and, when the text holds <POSE>, a pose p_i. The loop decodes the texts, turns the poses into SMPL joints,
 # and packs everything, row i = candidate i, into a `Candidates`. Shared resources (models, settings)
 # go into a `RewardContext`, built once before training.
 
@@ -141,7 +142,7 @@ def per_candidate(*shape, dtype: torch.dtype | None = None, optional: bool = Fal
 
 @dataclass
 class Candidates:
-    """N = (prompts x G) sampled candidates (a_i, p_i) and what the rewards compare them with.
+    """N = prompts x G x pose_samples sampled candidates (a_i, p_i) and what the rewards compare them with.
 
     task        list[str] (N,)  "t2p" | "i2p" | "vqa", the task of the candidate's prompt
     text        list[str] (N,)  the decoded answer a_i, special tokens kept (so "<POSE>" shows), up to
@@ -220,8 +221,8 @@ class Candidates:
 
 def candidates_of(rollout, batch, tokenizer, body_model, G) -> Candidates:
     """What the rewards see of the N = B x G candidates of a rollout (model.sample_policy) for a
-    collated batch: the decoded answers, the poses as matrices and SMPL joints, and per prompt, repeated
-    for its G candidates, the task, question, caption, reference answer, ground-truth joints (of the
+    collated batch, G here being the rollout's candidates per prompt (answers x pose samples): the decoded
+    answers, the poses as matrices and SMPL joints, and per prompt, repeated for its G candidates, the task, question, caption, reference answer, ground-truth joints (of the
     same body model as the prediction) and PoseWorld's posecodes when the data set has them."""
     N = rollout.tokens.shape[0]
     R = smpl.rot6d_to_matrix(rollout.pose.view(N, 24, 6))  # (N, 24, 3, 3)
@@ -516,7 +517,7 @@ def r_symmetry(c: Candidates, ctx: RewardContext) -> torch.Tensor:
 # R_text = cos(E(a_pred), E(a_gt)). Any object with `embed(list[str]) -> (n, d)` L2-normalised rows
 # can be E (the `TextEmbedder` protocol). `BGEM3TextEmbedder` (under "File formats", at the end) is the
 # paper's choice: the BGE-M3 dense embedding, i.e. the CLS hidden state of the last XLM-RoBERTa layer,
-# L2-normalised. `MeanPoolEmbedder` is the tiny preset's stand-in, which needs no download.
+# L2-normalised. `MeanPoolEmbedder` is the stand-in used without --bge_path, which needs no download.
 
 
 class TextEmbedder(Protocol):
@@ -529,7 +530,7 @@ def text_similarity(embedder: TextEmbedder, preds: Sequence[str], refs: Sequence
     """Eq. 10: R_text = cos(E(a_pred), E(a_gt)) for each pair, (n,) in [-1, 1].
 
     Predictions and references go through the embedder in one call, each distinct text once: a VQA
-    prompt's G x M candidates (note 16 of hygrpo.py) repeat G answers and one reference. Empty strings
+    prompt's G x M candidates (note 9 of hygrpo.py) repeat G answers and one reference. Empty strings
     are fine (they still get <s></s>); a zero or non-finite embedding gives 0 rather than NaN.
     """
     if len(preds) != len(refs):

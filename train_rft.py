@@ -45,7 +45,7 @@ import hygrpo
 import model as M
 import rewards
 import smpl
-import train_sft  # only to run stage 1 when pi_init is missing (ensure_sft)
+import train_sft  # stage 1 when pi_init is missing (ensure_sft); its SFTConfig and RECIPES for the departures
 from model import (append_jsonl, apply_overrides, average_gradients, check_config, check_finite_update,
                    load_optimizer_state, load_train_state, lr_at, print0, recover_run, restore_rng_states,
                    rng_states, run_finished, setup_distributed, trim_metrics)
@@ -70,16 +70,16 @@ class RFTConfig:
     pose_samples: int = 32            # poses per answer (not in the paper: README, 'Departures'); cheap to draw
     batch_size: int = 16              # GLOBAL prompts per step over all processes (Table 4's 16); tiny: 8 was too few
     micro_batch: int = 0              # prompts per process per sampling pass; 0 = its whole share (no accumulation)
-    task_mix: str = "t2p:6,i2p:2,vqa:1"  # the RFT prompts' tasks; "" = the SFT data's own proportions
+    task_mix: str = "t2p:6,i2p:2,vqa:1"  # the RFT prompts' tasks; "" = thirds (real data: each sample once)
     max_steps: int = 300              # tiny: 300 x 16 prompts (README, 'Departures')
     inner_epochs: int = 1             # policy updates per sampled batch (the old policy stays the sampler)
     clip_eps: float = 0.2             # epsilon of the clipped ratios
     # inner_epochs = 1: the policy that is scored IS the sampler, every ratio is exactly 1, and clip_eps
-    # never acts (only the ratios' gradients matter; hygrpo.py notes 1, 15). Clipping needs >= 2.
+    # never acts (only the ratios' gradients matter; hygrpo.py notes 1, 11). Clipping needs >= 2.
     beta: float = 0.05                # KL to pi_ref; tiny: more of the posecode gain than at 0.1 (docs/experiments.md)
-    beta_i2p: float = 1.0             # the pose KL's weight on image-to-pose prompts (hygrpo.py note 18); = beta: Eq. 6
-    joint_pathwise: float = 3.0       # the joint reward's gradient at the mean (hygrpo.py note 19); 0: Eq. 6
-    pose_kl: str = "exact"            # pose KL: closed form ("exact", note 12), or GRPO's "k3" at the sample
+    beta_i2p: float = 1.0             # the pose KL's weight on image-to-pose prompts (hygrpo.py note 7); = beta: Eq. 6
+    joint_pathwise: float = 3.0       # the joint reward's gradient at the mean (hygrpo.py note 10); 0: Eq. 6
+    pose_kl: str = "exact"            # pose KL: closed form ("exact", note 6), or GRPO's "k3" at the sample
     temperature: float = 1.0          # sampling temperature of the text policy
     top_p: float = 1.0
     max_new_tokens: int = 24
@@ -176,7 +176,7 @@ def pose_scored(valid, tasks):
     """(N,) bool: the set V of Eq. 6, the candidates with a pose whose TASK has a continuous reward (any
     registered one, whatever its weight, so Table 5's zero-weight ablation keeps V). A VQA answer that
     happens to emit <POSE> is not a "valid continuous output" of its task: no reward scores its pose, so
-    it stays out of V, out of J_c's 1/V and out of the pose KL (hygrpo.py, note 13)."""
+    it stays out of V, out of J_c's 1/V and out of the pose KL (hygrpo.py, note 4)."""
     pose_tasks = {t for r in rewards.REWARDS.values() if r.kind == "continuous" for t in r.tasks}
     return valid & torch.tensor([t in pose_tasks for t in tasks], dtype=torch.bool, device=valid.device)  # (N,)
 
@@ -185,7 +185,7 @@ def global_normalisers(N, V, world_size, device):
     """(N_norm, V_norm) for hygrpo_loss: the number of answers and of poses in V summed over ranks, divided
     by the world size. Each rank divides its sums by them, and average_gradients divides by the world size
     again, so the update is the gradient of one batch holding every rank's candidates, normalised by the
-    GLOBAL N and V: a rank that drew few valid poses does not weigh them more (hygrpo.py, note 3)."""
+    GLOBAL N and V: a rank that drew few valid poses does not weigh them more (hygrpo.py, note 5)."""
     if world_size == 1:
         return float(N), float(V)
     counts = torch.tensor([float(N), float(V)], dtype=torch.float64, device=device)  # (2,)
@@ -195,20 +195,20 @@ def global_normalisers(N, V, world_size, device):
 
 def pose_kl_weights(tasks, cfg, device):
     """(N,) the weight of each candidate's pose KL: --beta_i2p on image-to-pose prompts, --beta elsewhere
-    (hygrpo.py note 18). None when the two are equal: Eq. 6's one beta."""
+    (hygrpo.py note 7). None when the two are equal: Eq. 6's one beta."""
     if cfg.beta_i2p == cfg.beta:
         return None
     return torch.tensor([cfg.beta_i2p if t == "i2p" else cfg.beta for t in tasks], device=device)  # (N,)
 
 
 def pathwise_on(cfg, weights):
-    """Whether the loss carries the joint reward's gradient at the mean (hygrpo.py note 19): HyGRPO only,
+    """Whether the loss carries the joint reward's gradient at the mean (hygrpo.py note 10): HyGRPO only,
     with a joint reward in the run."""
     return bool(cfg.joint_pathwise) and cfg.algo == "hygrpo" and weights.get("joint", 0) > 0
 
 
 def joint_pathwise(pose, cands, R_c, in_V, G, w_joint, body_model, ctx, V_norm, pose_samples=1):
-    """hygrpo.py note 19: the deterministic policy gradient of the joint reward (Eq. 7) at each Gaussian's
+    """hygrpo.py note 10: the deterministic policy gradient of the joint reward (Eq. 7) at each Gaussian's
     mean. Returns (J_path, R_joint at the means). J_path is (1/V) sum over V of Delta_hat_i with, on the
     candidates the joint reward scores, the gradient of w_joint R_joint(mu_i(theta)) / std of its group
     (pose: the current Gaussians; the group's mean and std of Eq. 16 held). Its value is the sum of the
@@ -232,10 +232,10 @@ def joint_pathwise(pose, cands, R_c, in_V, G, w_joint, body_model, ctx, V_norm, 
 
 def score_batch(policy, batch, cfg, ctx, weights, body_model, tokenizer, generator):
     """Algorithm 1, lines 6-8, for one micro-batch of prompts: G answers each, with cfg.pose_samples poses
-    an answer (note 16), their rewards, the group-relative advantages (Eq. 16) and pi_ref's scores.
+    an answer (note 9), their rewards, the group-relative advantages (Eq. 16) and pi_ref's scores.
     Returns a dict of what the update needs."""
     t0 = time.time()
-    # line 6: G outputs {a_i, p_i} ~ pi_theta(. | q) for each q (G x pose_samples poses, note 16)
+    # line 6: G outputs {a_i, p_i} ~ pi_theta(. | q) for each q (G x pose_samples poses, note 9)
     policy.eval()  # no dropout while sampling
     rollout = M.sample_policy(policy, batch, cfg.G, cfg.max_new_tokens, cfg.temperature, cfg.top_p, generator,
                               pose_samples=cfg.pose_samples)
@@ -248,9 +248,9 @@ def score_batch(policy, batch, cfg, ctx, weights, body_model, tokenizer, generat
     R_d, R_c, per_reward = rewards.compute_rewards(cands, ctx, weights)  # (N,), (N,), {name: (N,)}
     # line 8: group-relative advantages, Eq. 16, over each prompt's G candidates
     F_hat = hygrpo.group_advantages(R_d, G=G)  # (N,) every candidate has a text answer
-    in_V = pose_scored(rollout.valid, cands.task)  # (N,) poses of pose tasks (note 13)
+    in_V = pose_scored(rollout.valid, cands.task)  # (N,) poses of pose tasks (note 4)
     Delta_hat = hygrpo.group_advantages(R_c, valid=in_V, G=G)  # (N,) 0 outside V
-    beta_c = pose_kl_weights(cands.task, cfg, rollout.valid.device)  # (N,) beta, or beta_i2p (note 18)
+    beta_c = pose_kl_weights(cands.task, cfg, rollout.valid.device)  # (N,) beta, or beta_i2p (note 7)
     with torch.no_grad(), policy.reference():  # pi_ref = pi_init: frozen copies of every RFT-trained tensor
         ref = M.policy_logprobs(policy, rollout)  # (N, Tn) logprobs, (N,) pose_logprobs, (N, 144) Gaussians
     return dict(rollout=rollout, G=G, cands=cands, R_d=R_d, R_c=R_c, per_reward=per_reward, F_hat=F_hat,
@@ -288,7 +288,7 @@ def hygrpo_step(policy, opt, params, batches, cfg, ctx, weights, body_model, tok
                                              discrete_only=cfg.algo == "grpo",
                                              pose_kl=exact_kl if cfg.pose_kl == "exact" else None,
                                              N_norm=N_norm, V_norm=V_norm, beta_c=p["beta_c"])
-            if pathwise_on(cfg, weights):  # note 19
+            if pathwise_on(cfg, weights):  # note 10
                 J_path, stats["joint_at_mean"] = joint_pathwise(cur.pose, p["cands"], p["R_c"], in_V, p["G"],
                                                                 weights["joint"], body_model, ctx, V_norm,
                                                                 rollout.pose_samples)
@@ -302,8 +302,13 @@ def hygrpo_step(policy, opt, params, batches, cfg, ctx, weights, body_model, tok
         opt.step()
     t_update = time.time() - t0
     metrics = [part_metrics(p, weights) for p in parts]
-    metrics = {k: nan_mean([m[k] for m in metrics]) for k in metrics[0]}  # over micro-batches
+    # the loss's terms are divided by the whole batch's N and V already: they add up over micro-batches;
+    # everything else (reward means, per-token fractions, timings) is one micro-batch's mean
+    metrics = {k: (sum if k in SUMMED_STATS else nan_mean)([m[k] for m in metrics]) for k in metrics[0]}
     return {**metrics, "grad_norm": grad_norm, "t_update": t_update}
+
+
+SUMMED_STATS = ("loss", "loss_d", "loss_c", "kl_d", "kl_c", "clip_frac_c", "ratio_c")
 
 
 def nan_mean(xs):
@@ -461,7 +466,7 @@ def main(argv=None):
         ensure_sft(cfg)
     if world_size > 1:
         dist.barrier()  # the other ranks wait for rank 0's SFT
-    torch.manual_seed(cfg.seed)  # identical fresh LoRA on every rank
+    torch.manual_seed(cfg.seed)  # the same random numbers on every rank (the weights come from the checkpoint)
     os.makedirs(cfg.out_dir, exist_ok=True)
     recover_run(cfg.out_dir)
     if world_size > 1:

@@ -11,8 +11,9 @@ In order, this script
    the paper (--pretrain_steps=0 leaves it out);
 4. trains the policy pi_theta(a, p | q) (Eq. 1) with cross-entropy on the answer tokens plus the pose
    loss: the Gaussian negative log-likelihood of the ground-truth pose under N(mu, Sigma) (Eq. 2) and a
-   joint-position loss through SMPL. `--deterministic_head=True` trains the mean only (the "Baseline"
-   row of Table 3) with the same losses (the NLL then has a fixed std, i.e. it is a scaled MSE).
+   joint-position loss through SMPL, and (tiny preset, not in the paper) an auxiliary posecode loss on h
+   at <POSE> (posecode_loss). `--deterministic_head=True` trains the mean only (the "Baseline" row of
+   Table 3) with the same losses (the NLL then has a fixed std, i.e. it is a scaled MSE).
 
 Launch:
     python train_sft.py                                   # tiny preset on PoseWorld, CPU, a few minutes
@@ -68,7 +69,7 @@ class SFTConfig:
     # data
     data: str = "poseworld"          # "poseworld" (the tiny world), or real sets: "posescript,h36m,llava_instruct"
     poseworld_size: int = 6000       # training samples of PoseWorld (t2p / i2p / vqa mixed)
-    task_mix: str = "t2p:8,i2p:1,vqa:1"  # PoseWorld's training tasks (the same poses); "" = thirds (README, 'Departures')
+    task_mix: str = "t2p:4,i2p:1,vqa:1"  # PoseWorld's training tasks (the same poses); "" = thirds (README, 'Departures')
     image_size: int = 64             # PoseWorld image side in pixels
     posescript_root: str = ""        # real data paths (see README "Real weights and data")
     amass_root: str = ""
@@ -94,7 +95,7 @@ class SFTConfig:
     # losses
     ce_weight: float = 1.0           # cross-entropy on the answer tokens
     nll_weight: float = 0.005        # Gaussian NLL of the GT pose (summed over 144 dims, so scaled down)
-    nll_beta: float = 0.0            # 1 = beta-NLL (pose_nll, not the paper): t2p 69.5 -> 73.5%, RFT +0.4 (README)
+    nll_beta: float = 0.0            # 1 = beta-NLL (pose_nll; not in the paper): an exercise
     joint_weight: float = 20.0       # mean per-joint position error through SMPL, metres
     posecode_weight: float = 5.0     # auxiliary: classify the caption's posecodes from h at <POSE> (posecode_loss)
     deterministic_head: bool = False  # Table 3 "Baseline": mean-only pose head
@@ -102,8 +103,7 @@ class SFTConfig:
     # the tokenizer (tiny) and the two retrievers
     vocab_size: int = 1024           # tiny BPE (955 tokens in fact): ~72 tokens a sample, not ~130 at 768
     retriever_pairs: int = 40000     # t2p-only PoseWorld captions, two disjoint halves; 8000 ranked worse (README)
-    retriever_steps: int = 600       # 40k pairs, 600 x 256: better checker agreement than 8k, 400 x 128; 800 ranked
-    # a little better (seed 0: 0.311 / 0.277 against 0.297 / 0.260) but cost 35 s of the main job's 10 minutes (README)
+    retriever_steps: int = 600       # 800 ranked a little better but cost ~35 s of the main job
     retriever_batch: int = 256
     retriever_lr: float = 1e-3
     # PoseWorld: each pair's twin (a nearby pose that breaks one of its caption's codes) as a hard negative
@@ -178,7 +178,7 @@ def train_tokenizer(cfg, train_set):
 def retriever_pairs(cfg, device):
     """(joints (n, 24, 3) in the body frame, captions) for the retrievers: PoseScript's training captions
     when it is among the data sets, else a text-to-pose-only PoseWorld set of the train split (the
-    policy's mixed set holds too few captions, and a retriever trained on ~1k pairs memorises them)."""
+    policy's mixed set holds a few thousand captions, and a retriever trained on so few memorises them)."""
     if "posescript" in cfg.data:
         ds = data.PoseScript(cfg.posescript_root, cfg.amass_root, split="train")
         pose = ds.poses[[ds.row[pid] for pid, _ in ds.items]]  # (n, 24, 3) axis-angle, one row per caption
@@ -251,7 +251,7 @@ def save_folder_atomically(path, write):
 def pretrain_pose_encoder(policy, body_model, cfg, device):
     """Tiny preset: train the pose ViT f_b to read the SMPL pose from a PoseWorld image on its own, before
     SFT. The paper's f_b is HMR2.0, pretrained for exactly this on millions of images; the tiny f_b starts
-    from random weights, and in SFT it learns from a few thousand image-to-pose answers only, through
+    from random weights, and in SFT it learns from a few hundred image-to-pose answers only, through
     the LLM. This stage is the stand-in for that pretraining (not a stage of the paper).
 
     A regression head (a mean-only GaussianPoseHead on the mean of f_b's tokens) is trained with f_b on

@@ -28,7 +28,7 @@ def test_group_advantages_hand_computed():
 
 
 def test_group_advantages_hold_stats_gradient_hand_computed():
-    """hold_stats=True (note 19): the same values, and the gradient d r / (std + eps) with the group's mean
+    """hold_stats=True (note 10): the same values, and the gradient d r / (std + eps) with the group's mean
     and std held; without it the full derivative makes each group's advantages sum to 0 for any rewards,
     so their sum has no gradient at all. Catches the stats not held, or held in the values too."""
     r = torch.tensor([[1.0, 2.0, 4.0, 9.0], [3.0, 3.0, 3.0, 3.0]], requires_grad=True)
@@ -337,7 +337,7 @@ def test_bandit_hygrpo_reaches_optimum_grpo_leaves_pose_alone():
 
 
 def test_per_candidate_pose_kl_weights():
-    """beta_c (note 18, train_rft.py --beta_i2p) weighs each candidate's pose KL by hand-computed
+    """beta_c (note 7, train_rft.py --beta_i2p) weighs each candidate's pose KL by hand-computed
     numbers, leaves the text KL at beta and stats["kl_c"] unweighted; beta_c = beta everywhere is Eq. 6's
     loss and gradients; a bad weight is refused. Catches beta_c ignored, applied to the text KL, or
     reaching the invalid candidate (whose KL is NaN)."""

@@ -134,7 +134,7 @@ def test_pose_set_leaves_out_tasks_without_a_continuous_reward():
 
 
 def test_pose_kl_weights_by_task():
-    """--beta_i2p weighs the image-to-pose candidates' pose KL, --beta the others' (hygrpo.py note 18);
+    """--beta_i2p weighs the image-to-pose candidates' pose KL, --beta the others' (hygrpo.py note 7);
     equal weights give None, Eq. 6's one beta."""
     cfg = train_rft.RFTConfig(beta=0.05, beta_i2p=1.0)
     w = train_rft.pose_kl_weights(["t2p", "i2p", "vqa", "i2p"], cfg, "cpu")
@@ -487,7 +487,7 @@ def _pathwise_setup(G, seed=0):
 
 
 def test_joint_pathwise_finite_differences():
-    """hygrpo.py note 19: the value is the advantages' sum (0 in each group), and the gradient on the means
+    """hygrpo.py note 10: the value is the advantages' sum (0 in each group), and the gradient on the means
     is the finite-difference derivative of (1/V) sum_i R_joint(mu_i) / (std_g + eps) over the image-to-pose
     candidates with a pose, std_g the sampler's std of their group, held; the text-to-pose group, the
     candidate without a pose, and the log-stds get none. With two pose draws per answer the reward is taken
@@ -563,7 +563,7 @@ def test_joint_pathwise_step_lowers_the_means_error():
 
 
 def test_hygrpo_step_ascends_the_pathwise_term(sft_dir, tmp_path, monkeypatch):
-    """hygrpo_step's `loss - lambda * J_path` (note 19): with J_path replaced by <d, w> for one trained tensor
+    """hygrpo_step's `loss - lambda * J_path` (note 10): with J_path replaced by <d, w> for one trained tensor
     w, one plain SGD step (lr 1, no clipping) from the same state and the same rollouts moves w by exactly
     lambda * d more at lambda = 3 than at lambda = 0, i.e. the step ascends J_path. Catches `+`, a missing
     factor lambda, and the term not reaching the loss."""
@@ -648,14 +648,23 @@ def test_sft_accumulation_takes_the_mean_of_the_micro_batches(sft_dir):
 def test_rft_accumulated_batch_normalises_by_the_whole_batch(sft_dir, tmp_path, monkeypatch):
     """With --micro_batch, a step samples every micro-batch first and divides the loss by the candidates of
     the whole global batch (N = prompts x G x pose samples), not by one micro-batch's."""
-    seen = []
-    real = train_rft.global_normalisers
+    seen, losses = [], []
+    real, real_loss = train_rft.global_normalisers, hygrpo.hygrpo_loss
     monkeypatch.setattr(train_rft, "global_normalisers", lambda N, V, *a: seen.append(N) or real(N, V, *a))
+
+    def loss_of_part(*args, **kwargs):
+        out = real_loss(*args, **kwargs)
+        losses.append(out[1]["loss"])
+        return out
+    monkeypatch.setattr(hygrpo, "hygrpo_loss", loss_of_part)
     train_rft.main(SMALL + [f"--sft_dir={sft_dir}", f"--out_dir={tmp_path / 'r'}", "--max_steps=2",
-                            "--batch_size=4", "--micro_batch=2", "--pose_samples=3", "--num_threads=1"])
+                            "--batch_size=4", "--micro_batch=2", "--pose_samples=3", "--num_threads=1",
+                            "--joint_pathwise=0"])
     assert seen == [4 * 2 * 3] * 2
     rows = [json.loads(line) for line in open(tmp_path / "r" / "metrics.jsonl")]
     assert [r["step"] for r in rows] == [1, 2] and all(math.isfinite(r["loss"]) for r in rows)
+    # each part's loss is already divided by the whole batch's N and V: the step's loss is their sum
+    assert [r["loss"] for r in rows] == pytest.approx([losses[0] + losses[1], losses[2] + losses[3]], rel=1e-6)
 
 
 def test_posecode_loss_scores_only_the_mentioned_codes():
