@@ -28,9 +28,9 @@ schedule, what trains, the task mix, ...) is a row of the departures table (mode
 9. Advantages (Eq. 16): (r - mean) / (std + 1e-6), sample std (Bessel), over a group's valid members;
    fewer than two distinct valid rewards give exact zeros. A group is a prompt's candidates (G answers x
    pose samples), so F_hat's std runs over an answer's copies (F_hat 1.067x larger at 8 x 32 than 8 x 1).
-10. An extra gradient term, not in Eq. 6: train_rft.py adds the joint reward's gradient at the
-   Gaussian's mean, divided by its group's std (group_advantages(..., hold_stats=True)) and weighted by
-   --joint_pathwise: a deterministic policy gradient with the reward as its own critic. 0 is Eq. 6.
+10. An extra gradient term, not in Eq. 6: train_rft.py adds the gradient of each reward registered as
+   differentiable (the joint reward) at the Gaussian's mean, divided by its group's std (group_advantages(..., hold_stats=True)) and weighted by
+   --gradient_at_mean: a deterministic policy gradient with the reward as its own critic. 0 is Eq. 6.
 11. All policies are scored at the text's sampling temperature (as TRL and verl do), not with top-p.
    With one update per batch every ratio is 1 in value and the clip never acts: only gradients matter.
 12. Log-ratios are clamped at +-20 before exp() (k3's from above only), so one wild sample freezes its

@@ -2908,7 +2908,7 @@ def check_config(cfg):
                         f"candidates coincide and the sampling policy has no log-probabilities)")
     if hasattr(cfg, "clip_eps") and not cfg.clip_eps >= 0:
         problems.append(f"--clip_eps={cfg.clip_eps}: must be >= 0 (the ratio is clipped to [1 - eps, 1 + eps])")
-    for name in ("beta", "beta_i2p", "joint_pathwise"):  # weights of terms of the RFT loss
+    for name in ("beta", "beta_i2p", "gradient_at_mean"):  # weights of terms of the RFT loss
         if hasattr(cfg, name) and not 0 <= getattr(cfg, name) < math.inf:
             problems.append(f"--{name}={getattr(cfg, name)}: a loss weight must be finite and >= 0")
     if hasattr(cfg, "top_p") and not 0 < cfg.top_p <= 1:
@@ -3126,7 +3126,7 @@ DEPARTURES = [
               "k3 at one sample random-walked; image-to-pose drifted under the text prompts' beta",
               "beta_i2p 1.0: image-to-pose MPJPE +0.3 mm against +1.7, posecode +3.2 both"),
     Departure("rft", "reward gradient at the mean", "none (Eq. 6 alone)",
-              lambda c: f"weight {c.joint_pathwise:g}" if c.joint_pathwise and c.algo == "hygrpo" else None,
+              lambda c: f"weight {c.gradient_at_mean:g}" if c.gradient_at_mean and c.algo == "hygrpo" else None,
               "the likelihood-ratio term alone let image-to-pose drift",
               "MPJPE -0.33 mm against +0.27 without; posecode +3.4 against +4.0"),
     Departure("rft", "text reward's embedder", "BGE-M3 (Eq. 10)",

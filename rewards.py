@@ -92,6 +92,8 @@ class Reward:
     kind: str  # "discrete" (enters R_d) or "continuous" (enters R_c)
     tasks: tuple[str, ...]  # the tasks whose candidates it scores
     fn: Callable[[Candidates, RewardContext], torch.Tensor]  # (c: n candidates, ctx) -> (n,)
+    differentiable: bool = False  # continuous, and differentiable in c.joints: RFT may add its gradient at
+    #                               the Gaussian's mean (train_rft.py --gradient_at_mean)
 
 
 REWARDS: dict[str, Reward] = {}
@@ -102,8 +104,10 @@ def _qualified(fn) -> str:
     return f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', repr(fn))}"
 
 
-def register_reward(name: str, kind: str, tasks: Sequence[str]):
+def register_reward(name: str, kind: str, tasks: Sequence[str], differentiable: bool = False):
     """Decorator: add `fn(c: Candidates, ctx: RewardContext) -> (n,) tensor` to REWARDS under `name`.
+    differentiable=True (continuous rewards only) says fn is differentiable in c.joints, so RFT adds its
+    gradient at each Gaussian's mean (train_rft.py --gradient_at_mean) with its --rewards weight.
 
     Registering a name again with a function of the same name (a notebook cell run twice, an edited
     reward re-run) replaces the entry; a different function under a name already taken is an error."""
@@ -114,12 +118,14 @@ def register_reward(name: str, kind: str, tasks: Sequence[str]):
     tasks = (tasks,) if isinstance(tasks, str) else tuple(tasks)
     if not tasks or any(t not in TASKS for t in tasks):
         raise ValueError(f"reward {name!r}: tasks must be a non-empty subset of {TASKS}, got {tasks}")
+    if differentiable and kind != "continuous":
+        raise ValueError(f"reward {name!r}: only a continuous reward can be differentiable in the pose")
 
     def decorate(fn):
         if name in REWARDS and _qualified(REWARDS[name].fn) != _qualified(fn):
             raise ValueError(f"a reward named {name!r} is already registered ({REWARDS[name].fn.__name__}); "
                              f"pick another name, or `del rewards.REWARDS[{name!r}]` first")
-        REWARDS[name] = Reward(name, kind, tasks, fn)
+        REWARDS[name] = Reward(name, kind, tasks, fn, differentiable)
         return fn
     return decorate
 
@@ -222,8 +228,9 @@ class Candidates:
 def candidates_of(rollout, batch, tokenizer, body_model, G) -> Candidates:
     """What the rewards see of the N = B x G candidates of a rollout (model.sample_policy) for a
     collated batch, G here being the rollout's candidates per prompt (answers x pose samples): the decoded
-    answers, the poses as matrices and SMPL joints, and per prompt, repeated for its G candidates, the task, question, caption, reference answer, ground-truth joints (of the
-    same body model as the prediction) and PoseWorld's posecodes when the data set has them."""
+    answers, the poses as matrices and SMPL joints, and per prompt, repeated for its G candidates, the
+    task, question, caption, reference answer, ground-truth joints (of the same body model as the
+    prediction) and PoseWorld's posecodes when the data set has them."""
     N = rollout.tokens.shape[0]
     R = smpl.rot6d_to_matrix(rollout.pose.view(N, 24, 6))  # (N, 24, 3, 3)
     joints = smpl.pose_joints(rollout.pose, body_model)  # (N, 24, 3)
@@ -334,7 +341,7 @@ def format_reward(texts: Sequence[str]) -> torch.Tensor:
     return torch.tensor([float(FORMAT_REGEX.fullmatch(t) is not None) for t in texts])  # (N,)
 
 
-@register_reward("joint", kind="continuous", tasks=("i2p",))
+@register_reward("joint", kind="continuous", tasks=("i2p",), differentiable=True)
 def r_joint(c: Candidates, ctx: RewardContext) -> torch.Tensor:
     """Eq. 7 on the image-to-pose candidates: 1 / root-aligned mean joint error (0 without ground truth)."""
     r = joint_reward(c.joints, c.gt_joints, ctx.joint_floor)  # (n,)

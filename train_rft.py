@@ -12,8 +12,8 @@ frozen base (model.PoseLLaVA.reference; the paper writes both as pi_ref; see hyg
 
 The main job, `python train_rft.py` with no arguments on a fresh clone: trains the tiny SFT model if
 there is none yet (train_sft.py), evaluates it, runs RFT on PoseWorld, evaluates again and prints the
-before/after table (also written to out/tiny-rft/results.md). It took 7.5 to 8.9 minutes on a 2-core CPU,
-alone, for seeds 0, 1 and 2 (the machine's speed varies from hour to hour; README).
+before/after table (also written to out/tiny-rft/results.md). It took 9.3 to 9.6 minutes on a 2-core CPU,
+alone (seeds 0, 1; the machine's speed varies from hour to hour; docs/experiments.md).
 
 Launch:
     python train_rft.py                                    # the main job (tiny preset, CPU)
@@ -78,7 +78,7 @@ class RFTConfig:
     # never acts (only the ratios' gradients matter; hygrpo.py notes 1, 11). Clipping needs >= 2.
     beta: float = 0.05                # KL to pi_ref; tiny: more of the posecode gain than at 0.1 (docs/experiments.md)
     beta_i2p: float = 1.0             # the pose KL's weight on image-to-pose prompts (hygrpo.py note 7); = beta: Eq. 6
-    joint_pathwise: float = 3.0       # the joint reward's gradient at the mean (hygrpo.py note 10); 0: Eq. 6
+    gradient_at_mean: float = 3.0     # x the differentiable rewards' gradient at the mean (hygrpo.py note 10); 0: Eq. 6
     pose_kl: str = "exact"            # pose KL: closed form ("exact", note 6), or GRPO's "k3" at the sample
     temperature: float = 1.0          # sampling temperature of the text policy
     top_p: float = 1.0
@@ -144,7 +144,7 @@ RECIPES = {"llava-1.5-7b": {
     "clip_eps": (0.2, "choice: not stated; GRPO's (DeepSeekMath) epsilon"),
     "beta": (0.04, "choice: not stated; GRPO's (DeepSeekMath) beta"),
     "beta_i2p": (0.04, "paper: Eq. 6's one beta"),
-    "joint_pathwise": (0.0, "paper: Eq. 6 alone"),
+    "gradient_at_mean": (0.0, "paper: Eq. 6 alone"),
     "pose_kl": ("k3", "choice: not stated; GRPO's k3 estimator"),
     "temperature": (1.0, "choice: not stated; VLM-R1's"),
     "top_p": (1.0, "choice: not stated; no nucleus cut"),
@@ -201,33 +201,42 @@ def pose_kl_weights(tasks, cfg, device):
     return torch.tensor([cfg.beta_i2p if t == "i2p" else cfg.beta for t in tasks], device=device)  # (N,)
 
 
-def pathwise_on(cfg, weights):
-    """Whether the loss carries the joint reward's gradient at the mean (hygrpo.py note 10): HyGRPO only,
-    with a joint reward in the run."""
-    return bool(cfg.joint_pathwise) and cfg.algo == "hygrpo" and weights.get("joint", 0) > 0
+def differentiable_rewards(cfg, weights):
+    """{name: weight} of the rewards whose gradient at the mean the loss carries (hygrpo.py note 10):
+    every registered reward that declares itself differentiable in the pose, with a --rewards weight > 0,
+    when --gradient_at_mean > 0 and the algorithm is HyGRPO. Empty: Eq. 6 alone."""
+    if not cfg.gradient_at_mean or cfg.algo != "hygrpo":
+        return {}
+    return {name: w for name, w in weights.items() if w > 0 and rewards.REWARDS[name].differentiable}
 
 
-def joint_pathwise(pose, cands, R_c, in_V, G, w_joint, body_model, ctx, V_norm, pose_samples=1):
-    """hygrpo.py note 10: the deterministic policy gradient of the joint reward (Eq. 7) at each Gaussian's
-    mean. Returns (J_path, R_joint at the means). J_path is (1/V) sum over V of Delta_hat_i with, on the
-    candidates the joint reward scores, the gradient of w_joint R_joint(mu_i(theta)) / std of its group
-    (pose: the current Gaussians; the group's mean and std of Eq. 16 held). Its value is the sum of the
-    advantages (~0); only its gradient acts. The second is the mean of R_joint(mu) over those answers (NaN
-    without any), for the log. An answer's pose_samples consecutive rows share one mean, whose reward is
-    computed once."""
-    joint = rewards.REWARDS["joint"]
-    rows = in_V & cands.has_gt & torch.tensor([t in joint.tasks for t in cands.task], device=in_V.device)  # (N,)
-    if not rows.any():
-        return pose.mu.new_zeros(()), float("nan")
-    idx = rows.nonzero().flatten()  # (n,) whole answers: an answer's pose draws are all in V or all out
-    first = idx[::pose_samples]  # (n / M,) the first draw of each answer
-    with torch.autocast(pose.mu.device.type, enabled=False):  # SMPL's chain of rotations in float32
-        J = smpl.pose_joints(pose.mu[first].float(), body_model)  # (n / M, 24, 3)
-    r = rewards.joint_reward(J, cands.gt_joints[first], ctx.joint_floor)  # (n / M,)
-    r_rows = r.repeat_interleave(pose_samples)  # (n,) each draw of an answer, at its mean
-    R = R_c.detach().index_add(0, idx, w_joint * (r_rows - r_rows.detach()))  # (N,) R_c's values, R_joint(mu)'s grad
+def gradient_at_mean(pose, cands, R_c, in_V, G, weights, body_model, ctx, V_norm, pose_samples=1):
+    """hygrpo.py note 10: the deterministic policy gradient of each differentiable reward at each
+    Gaussian's mean. Returns (J_path, {name: the reward's mean at the means}). J_path is (1/V) sum over V of
+    Delta_hat_i with, on the candidates each reward scores, the gradient of w R(mu_i(theta)) / std of its
+    group (pose: the current Gaussians; the group's mean and std of Eq. 16 held). Its value is the sum of
+    the advantages (~0); only its gradient acts. The means (NaN without candidates) are for the log. An
+    answer's pose_samples consecutive rows share one mean, whose reward is computed once, by the reward's
+    own registered function on the candidates with their joints at the mean."""
+    R, means = R_c.detach(), {}
+    for name, w in weights.items():
+        reward = rewards.REWARDS[name]
+        rows = in_V & cands.has_gt & torch.tensor([t in reward.tasks for t in cands.task], device=in_V.device)  # (N,)
+        if not rows.any():
+            means[name] = float("nan")
+            continue
+        idx = rows.nonzero().flatten()  # (n,) whole answers: an answer's pose draws are all in V or all out
+        first = idx[::pose_samples]  # (n / pose_samples,) the first draw of each answer
+        with torch.autocast(pose.mu.device.type, enabled=False):  # SMPL's chain of rotations in float32
+            J = smpl.pose_joints(pose.mu[first].float(), body_model)  # (n / pose_samples, 24, 3)
+        r = reward.fn(dataclasses.replace(cands.select(first), joints=J), ctx)  # (n / pose_samples,)
+        r_rows = r.repeat_interleave(pose_samples)  # (n,) each draw of an answer, at its mean
+        R = R.index_add(0, idx, w * (r_rows - r_rows.detach()))  # (N,) R_c's values, w R(mu)'s gradient
+        means[name] = r.mean().item()
+    if all(m != m for m in means.values()):  # no candidate any of them scores (V may be 0): no term
+        return pose.mu.new_zeros(()), means
     J_path = hygrpo.group_advantages(R, valid=in_V, G=G, hold_stats=True)[in_V].sum() / V_norm  # ()
-    return J_path, r.mean().item()
+    return J_path, means
 
 
 def score_batch(policy, batch, cfg, ctx, weights, body_model, tokenizer, generator):
@@ -288,11 +297,12 @@ def hygrpo_step(policy, opt, params, batches, cfg, ctx, weights, body_model, tok
                                              discrete_only=cfg.algo == "grpo",
                                              pose_kl=exact_kl if cfg.pose_kl == "exact" else None,
                                              N_norm=N_norm, V_norm=V_norm, beta_c=p["beta_c"])
-            if pathwise_on(cfg, weights):  # note 10
-                J_path, stats["joint_at_mean"] = joint_pathwise(cur.pose, p["cands"], p["R_c"], in_V, p["G"],
-                                                                weights["joint"], body_model, ctx, V_norm,
-                                                                rollout.pose_samples)
-                loss = loss - cfg.joint_pathwise * J_path
+            at_mean = differentiable_rewards(cfg, weights)
+            if at_mean:  # note 10
+                J_path, means = gradient_at_mean(cur.pose, p["cands"], p["R_c"], in_V, p["G"], at_mean,
+                                                 body_model, ctx, V_norm, rollout.pose_samples)
+                stats.update({f"{name}_at_mean": v for name, v in means.items()})
+                loss = loss - cfg.gradient_at_mean * J_path
             loss.backward()  # each micro-batch's sums are already divided by the global N and V
             total += loss.item()
             p["stats"], p["exact_kl"] = stats, exact_kl
@@ -446,7 +456,11 @@ def reward_context(cfg, weights, policy, tokenizer, device):
 
 
 def main(argv=None):
-    cfg, sources = M.resolve_config(RFTConfig(), sys.argv[1:] if argv is None else argv, RECIPES)
+    argv = sys.argv[1:] if argv is None else argv
+    if any(arg.startswith("--joint_pathwise=") for arg in argv):
+        raise SystemExit("--joint_pathwise is now --gradient_at_mean: the gradient at the mean of every reward "
+                         "registered as differentiable (joint), each with its --rewards weight")
+    cfg, sources = M.resolve_config(RFTConfig(), argv, RECIPES)
     cfg = check_config(cfg)
     if cfg.algo not in ("hygrpo", "grpo"):
         raise SystemExit(f"--algo must be hygrpo or grpo, got {cfg.algo!r}")

@@ -50,7 +50,7 @@ import train_sft  # noqa: E402
 GiB = 2 ** 30
 # HyGRPO with the paper's settings, as in train_rft.py's docstring command (one GPU takes all 16 prompts)
 PAPER_RFT = dict(preset="llava-1.5-7b", G=8, pose_samples=1, max_new_tokens=24, lr=1e-6, beta=0.04, beta_i2p=0.04,
-                 joint_pathwise=0.0, pose_kl="k3", inner_epochs=1, temperature=1.0, top_p=1.0)
+                 gradient_at_mean=0.0, pose_kl="k3", inner_epochs=1, temperature=1.0, top_p=1.0)
 
 
 def parse_args(argv=None):

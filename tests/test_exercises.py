@@ -147,10 +147,10 @@ def test_exercise_beta_nll_sft_runs(tmp_path):
 @pytest.mark.slow
 def test_exercise_likelihood_ratio_alone_runs(sft_dir, tmp_path):
     """Exercise 10: the default adds the joint reward's gradient at the mean, and logs the joint reward of
-    the image-to-pose answers' means it scored (joint_at_mean, as Eq. 7's 1 / error); --joint_pathwise=0
+    the image-to-pose answers' means it scored (joint_at_mean, as Eq. 7's 1 / error); --gradient_at_mean=0
     leaves it out, the paper's Eq. 6 alone."""
     default = run_exercise(sft_dir, tmp_path / "default", "--task_mix=i2p:1")
     assert finite_somewhere(default, "joint_at_mean")
     assert all(r["joint_at_mean"] > 0 for r in default if math.isfinite(r["joint_at_mean"]))
-    alone = run_exercise(sft_dir, tmp_path / "alone", "--task_mix=i2p:1", "--joint_pathwise=0")
+    alone = run_exercise(sft_dir, tmp_path / "alone", "--task_mix=i2p:1", "--gradient_at_mean=0")
     assert not any("joint_at_mean" in r for r in alone)

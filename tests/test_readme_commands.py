@@ -110,7 +110,7 @@ def test_the_readme_7b_commands_train_the_papers_recipe_on_real_data(files, real
     # the effective recipe of the RFT run: the paper's, and the sources say so
     extra = json.load(open(rft_dir / "checkpoint" / "config.json"))["extra"]
     cfg, sources = extra["config"], extra["sources"]
-    assert (cfg["preset"], cfg["lr"], cfg["beta"], cfg["beta_i2p"], cfg["pose_samples"], cfg["joint_pathwise"],
+    assert (cfg["preset"], cfg["lr"], cfg["beta"], cfg["beta_i2p"], cfg["pose_samples"], cfg["gradient_at_mean"],
             cfg["pose_kl"], cfg["clip_eps"], cfg["min_lr_ratio"], cfg["beta1"], cfg["beta2"]) == \
         ("llava-1.5-7b", 1e-6, 0.04, 0.04, 1, 0.0, "k3", 0.2, 0.0, 0.9, 0.95)
     assert cfg["data"] == "posescript,h36m,llava_instruct" and sources["lr"] == "paper: Table 4"

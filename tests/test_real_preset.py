@@ -193,7 +193,7 @@ def test_every_setting_is_in_the_7b_recipe_or_preset_free(script):
 def test_the_7b_preset_alone_gives_the_papers_recipe():
     rft, src = M.resolve_config(train_rft.RFTConfig(), ["--preset=llava-1.5-7b"], train_rft.RECIPES)
     assert (rft.batch_size, rft.lr, rft.max_steps, rft.beta1, rft.beta2, rft.min_lr_ratio) == (16, 1e-6, 1000, 0.9, 0.95, 0)
-    assert rft.beta_i2p == rft.beta == 0.04 and rft.pose_samples == 1 and rft.joint_pathwise == 0
+    assert rft.beta_i2p == rft.beta == 0.04 and rft.pose_samples == 1 and rft.gradient_at_mean == 0
     assert (rft.pose_kl, rft.G, rft.clip_eps, rft.algo) == ("k3", 8, 0.2, "hygrpo")
     assert rft.data == "posescript,h36m,llava_instruct" and rft.max_new_tokens >= 128
     assert rft.sft_dir != train_rft.RFTConfig().sft_dir and rft.out_dir != train_rft.RFTConfig().out_dir

@@ -259,7 +259,8 @@ def test_bad_settings_are_one_clear_error():
            (sft(poseworld_size="120"), "--poseworld_size='120' must be a int"),
            (sft(pretrain_steps=-1), "--pretrain_steps=-1"), (sft(pretrain_batch=0), "--pretrain_batch=0"),
            (rft(beta=-0.1), "--beta=-0.1: a loss weight"), (rft(beta_i2p=float("inf")), "--beta_i2p=inf"),
-           (rft(joint_pathwise=float("nan")), "--joint_pathwise=nan"), (rft(joint_pathwise=-1.0), "--joint_pathwise=-1")]
+           (rft(gradient_at_mean=float("nan")), "--gradient_at_mean=nan"),
+           (rft(gradient_at_mean=-1.0), "--gradient_at_mean=-1")]
     for cfg, message in bad:
         with pytest.raises(SystemExit, match=message):
             train_sft.check_config(cfg)
@@ -465,7 +466,7 @@ def test_pose_encoder_pretraining_learns_and_changes_only_f_b():
 
 
 def _pathwise_setup(G, seed=0):
-    """Candidates for train_rft.joint_pathwise: two image-to-pose groups of G (the first group's first
+    """Candidates for train_rft.gradient_at_mean: two image-to-pose groups of G (the first group's first
     candidate without a pose; other ground truths, so other reward spreads) and a text-to-pose group, their
     Gaussians' means random rot6d poses, their rewards those of samples."""
     import model as M
@@ -483,10 +484,13 @@ def _pathwise_setup(G, seed=0):
     has_gt = torch.ones(N, dtype=torch.bool)  # text-to-pose poses have a ground truth too, unscored by R_joint
     i2p = torch.tensor([t == "i2p" for t in tasks])
     R_c = torch.where(i2p, rewards.joint_reward(smpl.pose_joints(sampled), gt), torch.rand(N, generator=g))
-    return mu, SimpleNamespace(task=tasks, has_gt=has_gt, gt_joints=gt), R_c, valid
+    cands = rewards.Candidates(task=tasks, text=[""] * N, valid=valid, pose=torch.zeros(N, 24, 3, 3),
+                               joints=smpl.pose_joints(sampled), gt_joints=gt, has_gt=has_gt, question=[""] * N,
+                               caption=[None] * N, ref_answer=[""] * N)
+    return mu, cands, R_c, valid
 
 
-def test_joint_pathwise_finite_differences():
+def test_gradient_at_mean_finite_differences():
     """hygrpo.py note 10: the value is the advantages' sum (0 in each group), and the gradient on the means
     is the finite-difference derivative of (1/V) sum_i R_joint(mu_i) / (std_g + eps) over the image-to-pose
     candidates with a pose, std_g the sampler's std of their group, held; the text-to-pose group, the
@@ -500,8 +504,9 @@ def test_joint_pathwise_finite_differences():
     mu = mu0.clone().requires_grad_(True)
     log_std = torch.full_like(mu0, -3.0).requires_grad_(True)
     V = float(valid.sum())
-    J, r_mean = train_rft.joint_pathwise(SimpleNamespace(mu=mu, log_std=log_std), cands, R_c, valid, G, 2.0, None,
-                                         rewards.RewardContext(), V)
+    J, means = train_rft.gradient_at_mean(SimpleNamespace(mu=mu, log_std=log_std), cands, R_c, valid, G,
+                                          {"joint": 2.0}, None, rewards.RewardContext(), V)
+    r_mean = means["joint"]
     assert abs(J.item()) < 1e-5
     scored = torch.arange(1, 2 * G)  # the image-to-pose candidates with a pose
     R_mu = rewards.joint_reward(smpl.pose_joints(mu0[scored]), cands.gt_joints[scored])
@@ -528,12 +533,11 @@ def test_joint_pathwise_finite_differences():
     # the reward is computed at the first row and counts for both, so the first row takes the answer's
     # whole gradient (the second none) and, the groups' stds changed by the duplicates aside, equals it
     mu2 = mu0.repeat_interleave(2, 0).clone().requires_grad_(True)
-    cands2 = SimpleNamespace(task=[t for t in cands.task for _ in range(2)], has_gt=cands.has_gt.repeat_interleave(2),
-                             gt_joints=cands.gt_joints.repeat_interleave(2, 0))
+    cands2 = cands.select(torch.arange(len(cands.task)).repeat_interleave(2))
     R_c2 = R_c.repeat_interleave(2)
-    J2, _ = train_rft.joint_pathwise(SimpleNamespace(mu=mu2, log_std=log_std), cands2, R_c2,
-                                     valid.repeat_interleave(2), 2 * G, 2.0, None, rewards.RewardContext(), 2 * V,
-                                     pose_samples=2)
+    J2, _ = train_rft.gradient_at_mean(SimpleNamespace(mu=mu2, log_std=log_std), cands2, R_c2,
+                                       valid.repeat_interleave(2), 2 * G, {"joint": 2.0}, None,
+                                       rewards.RewardContext(), 2 * V, pose_samples=2)
     J2.backward()
     assert mu2.grad[1::2].abs().max() == 0
     std2 = torch.stack([R_c2[2:2 * G].double().std(), R_c2[2 * G:4 * G].double().std()])
@@ -542,17 +546,17 @@ def test_joint_pathwise_finite_differences():
     assert torch.allclose(g2.float(), mu.grad[:2 * G], rtol=1e-4, atol=1e-6)
 
 
-def test_joint_pathwise_step_lowers_the_means_error():
+def test_gradient_at_mean_step_lowers_the_means_error():
     """A small step along J_path's gradient moves every scored mean's joints toward the ground truth: catches
-    a sign error in joint_pathwise (hygrpo_step subtracts lambda J_path from the loss, so J_path must grow as
+    a sign error in gradient_at_mean (hygrpo_step subtracts lambda J_path from the loss, so J_path must grow as
     the error falls; test_hygrpo_step_ascends_the_pathwise_term runs that line)."""
     import rewards
     import smpl
     G = 6
     mu0, cands, R_c, valid = _pathwise_setup(G, seed=1)
     mu = mu0.clone().requires_grad_(True)
-    J, _ = train_rft.joint_pathwise(SimpleNamespace(mu=mu, log_std=torch.zeros_like(mu0)), cands, R_c, valid, G,
-                                    1.0, None, rewards.RewardContext(), float(valid.sum()))
+    J, _ = train_rft.gradient_at_mean(SimpleNamespace(mu=mu, log_std=torch.zeros_like(mu0)), cands, R_c, valid, G,
+                                      {"joint": 1.0}, None, rewards.RewardContext(), float(valid.sum()))
     J.backward()
     stepped = mu0 + 1e-3 * mu.grad / mu.grad.abs().max()  # (N, 144) gradient ascent on J_path
 
@@ -580,14 +584,14 @@ def test_hygrpo_step_ascends_the_pathwise_term(sft_dir, tmp_path, monkeypatch):
     params = [p for p in policy.parameters() if p.requires_grad]
     w = params[len(params) // 2]
     d = torch.randn(w.shape, generator=torch.Generator().manual_seed(0))
-    monkeypatch.setattr(train_rft, "joint_pathwise", lambda *args, **kwargs: ((w * d).sum(), 0.0))
+    monkeypatch.setattr(train_rft, "gradient_at_mean", lambda *args, **kwargs: ((w * d).sum(), {}))
     train_set = data.PoseWorld("train", size=cfg.poseworld_size, seed=cfg.seed, image_size=cfg.image_size)
     batch = data.collate_fn(tokenizer, policy, True)([train_set[i] for i in range(cfg.batch_size)])
     start = {k: v.clone() for k, v in policy.state_dict().items()}
     moved = {}
     for lam in (0.0, 3.0):
         policy.load_state_dict(start)
-        cfg.joint_pathwise = lam
+        cfg.gradient_at_mean = lam
         opt = torch.optim.SGD(params, lr=1.0)
         train_rft.hygrpo_step(policy, opt, params, batch, cfg, ctx, weights, body, tokenizer,
                               torch.Generator().manual_seed(1), 1)
@@ -659,7 +663,7 @@ def test_rft_accumulated_batch_normalises_by_the_whole_batch(sft_dir, tmp_path, 
     monkeypatch.setattr(hygrpo, "hygrpo_loss", loss_of_part)
     train_rft.main(SMALL + [f"--sft_dir={sft_dir}", f"--out_dir={tmp_path / 'r'}", "--max_steps=2",
                             "--batch_size=4", "--micro_batch=2", "--pose_samples=3", "--num_threads=1",
-                            "--joint_pathwise=0"])
+                            "--gradient_at_mean=0"])
     assert seen == [4 * 2 * 3] * 2
     rows = [json.loads(line) for line in open(tmp_path / "r" / "metrics.jsonl")]
     assert [r["step"] for r in rows] == [1, 2] and all(math.isfinite(r["loss"]) for r in rows)
@@ -693,3 +697,46 @@ def test_posecode_loss_scores_only_the_mentioned_codes():
     better = train_sft.posecode_loss(head, h, codes, mentioned).item()
     assert better < want < worse
     assert train_sft.posecode_loss(head, h, codes, torch.zeros_like(mentioned)).item() == 0
+
+
+def test_gradient_at_mean_goes_through_the_registry():
+    """The term behind --gradient_at_mean takes each reward registered differentiable with its weight: for
+    the joint reward it equals the term written with rewards.joint_reward directly (the numbers of the
+    commit before the registry), a student's differentiable reward gets it on its own task, and the old
+    flag --joint_pathwise is one line naming the new one. Catches a registered function not used (an edited
+    r_joint would not change the term) and a differentiable reward left out."""
+    import rewards
+    import smpl
+    G = 6
+    mu0, cands, R_c, valid = _pathwise_setup(G, seed=2)
+    V = float(valid.sum())
+    mu = mu0.clone().requires_grad_(True)
+    J, _ = train_rft.gradient_at_mean(SimpleNamespace(mu=mu, log_std=None), cands, R_c, valid, G, {"joint": 3.0},
+                                      None, rewards.RewardContext(), V)
+    J.backward()
+    mu_old = mu0.clone().requires_grad_(True)  # the term as written before the registry, joint only
+    idx = torch.arange(1, 2 * G)
+    r = rewards.joint_reward(smpl.pose_joints(mu_old[idx]), cands.gt_joints[idx])
+    R = R_c.detach().index_add(0, idx, 3.0 * (r - r.detach()))
+    (train_rft.hygrpo.group_advantages(R, valid=valid, G=G, hold_stats=True)[valid].sum() / V).backward()
+    assert torch.equal(mu.grad, mu_old.grad)
+
+    @rewards.register_reward("test_height", kind="continuous", tasks=("t2p",), differentiable=True)
+    def r_height(c, ctx):  # the head's height above the pelvis, metres
+        return c.joints[:, smpl.JOINT_INDEX["head"], 1] - c.joints[:, 0, 1]
+    try:
+        cfg = train_rft.RFTConfig()
+        assert train_rft.differentiable_rewards(cfg, {"joint": 1.0, "test_height": 0.5, "semantic": 1.0}) == \
+            {"joint": 1.0, "test_height": 0.5}
+        mu = mu0.clone().requires_grad_(True)
+        J, means = train_rft.gradient_at_mean(SimpleNamespace(mu=mu, log_std=None), cands, R_c, valid, G,
+                                              {"test_height": 0.5}, None, rewards.RewardContext(), V)
+        J.backward()
+        assert mu.grad[:2 * G].abs().max() == 0 and mu.grad[2 * G:].abs().max() > 0  # its t2p group only
+        assert set(means) == {"test_height"}
+    finally:
+        del rewards.REWARDS["test_height"]
+    cfg.gradient_at_mean = 0.0
+    assert train_rft.differentiable_rewards(cfg, {"joint": 1.0}) == {}
+    with pytest.raises(SystemExit, match="--joint_pathwise is now --gradient_at_mean"):
+        train_rft.main(["--joint_pathwise=0"])
