@@ -426,6 +426,7 @@ POSECODES = tuple(
     ])
 POSECODE_INDEX = {f.name: k for k, f in enumerate(POSECODES)}
 K = len(POSECODES)  # number of posecode families
+C = max(len(f.categories) for f in POSECODES)  # categories of the widest family
 # The body region of each family (by its template key), for eval.py's per-family and per-region accuracy.
 # A new family needs a region here, or importing this module fails (KeyError).
 BODY_REGIONS = ("arms_and_hands", "legs_and_feet", "torso_and_head")
@@ -647,7 +648,6 @@ def _code_frequencies() -> list:
     """How often each (family, category) occurs, from a fixed reference sample of 2048 poses: K lists."""
     pose, _ = sample_poses(2048, torch.Generator().manual_seed(12345))
     codes = posecodes(smpl.pose_joints(pose))  # (2048, K)
-    C = max(len(f.categories) for f in POSECODES)
     return [(torch.bincount(codes[:, k], minlength=C).float() / len(codes)).tolist() for k in range(K)]
 
 
@@ -1532,7 +1532,7 @@ class TaskMixture(torch.utils.data.Dataset):
     """Prompts from several single-task data sets (PoseScript t2p, Human3.6M i2p, LLaVA-Instruct vqa) in a
     stated task mix: RFT's counterpart on real data of PoseWorld's `mix`.
 
-    mix: one weight per task of TASKS (train_rft.parse_task_mix). Of the `size` rows (by default as many
+    mix: one weight per task of TASKS (parse_task_mix). Of the `size` rows (by default as many
     as the sets hold together) each task gets exactly its share (largest remainders, as _assign_tasks);
     a task's share is split among its sets by their sizes, and each set gives its rows in a random order
     of its own samples, starting a new order when its share is larger than the set. A set whose task has

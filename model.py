@@ -3015,13 +3015,10 @@ def check_preset_inputs(cfg, script):
     message naming every flag it needs."""
     if cfg.preset == "tiny":
         return
-    missing = [f"--{name}" for name in ("llava_path", "pose_encoder_path", "smpl_path") if not getattr(cfg, name)]
     names = [n.strip() for n in cfg.data.split(",") if n.strip()]
-    for name in names:
-        missing += [f"--{field}" for field in REAL_DATA_PATHS.get(name, ()) if not getattr(cfg, field)]
-    gone = [f"--{f}={getattr(cfg, f)}" for f in ("llava_path", "pose_encoder_path", "smpl_path")
-            + sum((REAL_DATA_PATHS.get(n, ()) for n in names), ()) if getattr(cfg, f)
-            and not os.path.exists(getattr(cfg, f))]
+    needed = ["llava_path", "pose_encoder_path", "smpl_path"] + [f for n in names for f in REAL_DATA_PATHS.get(n, ())]
+    missing = [f"--{f}" for f in needed if not getattr(cfg, f)]
+    gone = [f"--{f}={getattr(cfg, f)}" for f in needed if getattr(cfg, f) and not os.path.exists(getattr(cfg, f))]
     if missing or gone:
         raise SystemExit(
             f"{script} --preset={cfg.preset} trains on real data (--data={cfg.data}) with real model files:\n"
@@ -3064,6 +3061,16 @@ def _tiny(text):
     return lambda cfg: text if cfg.preset == "tiny" else None
 
 
+def _budget(paper, unit=""):
+    """A stage's batch, lr and steps where they are not Table 4's `paper` (batch, lr, steps)."""
+    return lambda c: (None if (c.batch_size, c.lr, c.max_steps) == paper
+                      else f"{c.batch_size}{unit}, {c.lr:g}, {c.max_steps}")
+
+
+def _schedule(c):
+    return f"floor {c.min_lr_ratio:g} x lr, {c.warmup_steps} warm-up steps" if c.min_lr_ratio else None
+
+
 def _data_sets(cfg):
     names = [n.strip() for n in cfg.data.split(",") if n.strip()]
     if "poseworld" in names:
@@ -3083,10 +3090,8 @@ DEPARTURES = [
     Departure("sft", "trained in SFT", "LoRA, W_a, W_b, pose head (CLIP and pose ViT frozen)",
               _tiny("everything (LLM, CLIP, pose ViT too)"), "a model trained from scratch has no frozen base to keep"),
     Departure("sft", "SFT batch, lr, steps", "80, 3e-4, 10000 (Table 4)",
-              lambda c: None if (c.batch_size, c.lr, c.max_steps) == (80, 3e-4, 10000)
-              else f"{c.batch_size}, {c.lr:g}, {c.max_steps}", "sized to the tiny world and a 2-core CPU"),
-    Departure("sft", "SFT schedule", "cosine (floor, warm-up not stated)",
-              lambda c: f"floor {c.min_lr_ratio:g} x lr, {c.warmup_steps} warm-up steps" if c.min_lr_ratio else None,
+              _budget((80, 3e-4, 10000)), "sized to the tiny world and a 2-core CPU"),
+    Departure("sft", "SFT schedule", "cosine (floor, warm-up not stated)", _schedule,
               "a floor keeps the last steps of a short run learning"),
     Departure("sft", "SFT losses", "Eq. 2's likelihood (weights not stated)",
               lambda c: f"CE {c.ce_weight:g} + NLL {c.nll_weight:g} + joint {c.joint_weight:g}"
@@ -3108,11 +3113,9 @@ DEPARTURES = [
     Departure("rft", "trained in RFT", "LoRA, W_a, W_b, pose head, <POSE> rows (Sec. 4.1)",
               _tiny("also the whole LLM (no LoRA)"), "the tiny LLM was trained from scratch in SFT; its adapters would be fresh"),
     Departure("rft", "RFT batch, lr, steps", "16 prompts, 1e-6, 1000 (Table 4)",
-              lambda c: None if (c.batch_size, c.lr, c.max_steps) == (16, 1e-6, 1000)
-              else f"{c.batch_size} prompts, {c.lr:g}, {c.max_steps}",
+              _budget((16, 1e-6, 1000), " prompts"),
               "1e-6 moves a from-scratch tiny model by nothing in 300 steps", "150 x 8 prompts: no metric moved beyond noise"),
-    Departure("rft", "RFT schedule", "cosine (floor, warm-up not stated)",
-              lambda c: f"floor {c.min_lr_ratio:g} x lr, {c.warmup_steps} warm-up steps" if c.min_lr_ratio else None,
+    Departure("rft", "RFT schedule", "cosine (floor, warm-up not stated)", _schedule,
               "as SFT"),
     Departure("rft", "RFT task mix", "not stated (7B preset: the three tasks alike)",
               lambda c: c.task_mix if c.preset == "tiny" and c.task_mix else None,

@@ -271,8 +271,7 @@ def hygrpo_step(policy, opt, params, batches, cfg, ctx, weights, body_model, tok
     """Algorithm 1, lines 6-9, for one step: `batches` are this rank's micro-batches of prompts (one,
     unless the global batch is accumulated: model.batch_split). Every micro-batch is sampled and scored
     before the first update, so each is scored by the same old policy. Returns the step's metrics."""
-    if not isinstance(batches, (list, tuple)):
-        batches = [batches]
+    at_mean = differentiable_rewards(cfg, weights)  # {name: weight} of note 10's term; {} = Eq. 6 alone
     parts = [score_batch(policy, batch, cfg, ctx, weights, body_model, tokenizer, generator) for batch in batches]
     device = parts[0]["in_V"].device
     N_norm, V_norm = global_normalisers(sum(len(p["in_V"]) for p in parts), sum(int(p["in_V"].sum()) for p in parts),
@@ -297,7 +296,6 @@ def hygrpo_step(policy, opt, params, batches, cfg, ctx, weights, body_model, tok
                                              discrete_only=cfg.algo == "grpo",
                                              pose_kl=exact_kl if cfg.pose_kl == "exact" else None,
                                              N_norm=N_norm, V_norm=V_norm, beta_c=p["beta_c"])
-            at_mean = differentiable_rewards(cfg, weights)
             if at_mean:  # note 10
                 J_path, means = gradient_at_mean(cur.pose, p["cands"], p["R_c"], in_V, p["G"], at_mean,
                                                  body_model, ctx, V_norm, rollout.pose_samples)
@@ -344,9 +342,6 @@ def part_metrics(p, weights):
         for task in rewards.REWARDS[name].tasks:
             metrics[f"reward/{name}/{task}"] = means.get(f"{name}/{task}", float("nan"))  # NaN: no such prompt
     return metrics
-
-
-parse_task_mix = data.parse_task_mix  # "t2p:6,i2p:2,vqa:1" -> weights of data.TASKS
 
 
 def semantic_checker_agreement(cands, per_reward, G):
@@ -506,10 +501,10 @@ def main(argv=None):
     train_set = sft_set = data.build_datasets(cfg, "train")  # the SFT run's data (the same data fields)
     if cfg.task_mix and cfg.data == "poseworld":  # the same poses, their tasks drawn in other proportions
         train_set = data.PoseWorld("train", size=cfg.poseworld_size, seed=cfg.seed, image_size=cfg.image_size,
-                                   mix=parse_task_mix(cfg.task_mix))
+                                   mix=data.parse_task_mix(cfg.task_mix))
     elif cfg.data != "poseworld":  # the real sets (PoseScript t2p, Human3.6M i2p, LLaVA-Instruct vqa), drawn by task
         sets = data.dataset_parts(sft_set)
-        mix = parse_task_mix(cfg.task_mix) if cfg.task_mix else tuple(  # "": each sample once an epoch
+        mix = data.parse_task_mix(cfg.task_mix) if cfg.task_mix else tuple(  # "": each sample once an epoch
             float(sum(len(s) for s in sets if getattr(s, "task", None) == t)) for t in data.TASKS)
         train_set = data.TaskMixture(sets, mix, seed=cfg.seed)
         print0(f"RFT prompts, --task_mix={cfg.task_mix or '(empty: every sample once)'}: " + ", ".join(

@@ -321,10 +321,9 @@ def posecode_loss(head, h, codes, mentioned):
     is raised but not which one (a linear probe told left from right at chance), so its answers kept the
     feet level, as the average pose of a left/right-symmetric world does. Naming each code forces h to
     carry it; the classifier is thrown away after SFT. Returns () (0 when nothing is mentioned)."""
-    C = max(len(f.categories) for f in data.POSECODES)
-    logits = head(h).view(len(h), data.K, C)  # (n, K, C)
+    logits = head(h).view(len(h), data.K, data.C)  # (n, K, C)
     sizes = torch.tensor([len(f.categories) for f in data.POSECODES], device=h.device)  # (K,)
-    logits = logits.masked_fill(torch.arange(C, device=h.device) >= sizes[:, None], -1e9)  # (n, K, C)
+    logits = logits.masked_fill(torch.arange(data.C, device=h.device) >= sizes[:, None], -1e9)  # (n, K, C)
     if not mentioned.any():
         return logits.sum() * 0
     return F.cross_entropy(logits[mentioned].float(), codes[mentioned])
@@ -335,10 +334,9 @@ def make_posecode_head(policy, cfg):
     the rest of the run's random numbers are those of a run without it; None when its weight is 0."""
     if not cfg.posecode_weight:
         return None
-    C = max(len(f.categories) for f in data.POSECODES)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed + 7)
-        head = nn.Linear(policy.config.llava.text_config.hidden_size, data.K * C)
+        head = nn.Linear(policy.config.llava.text_config.hidden_size, data.K * data.C)
     return head.to(next(policy.parameters()).device)
 
 

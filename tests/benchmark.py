@@ -338,14 +338,14 @@ def bench_rft(steps=10):
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay,
                             fused=True)  # as train_rft.py
     train_set = data.PoseWorld("train", size=cfg.poseworld_size, seed=cfg.seed, image_size=cfg.image_size,
-                               mix=train_rft.parse_task_mix(cfg.task_mix))  # the main job's RFT prompts
+                               mix=data.parse_task_mix(cfg.task_mix))  # the main job's RFT prompts
     loader = iter(data.make_loader(train_set, cfg.batch_size, seed=1,
                                    collate_fn=data.collate_fn(tokenizer, policy, True)))
     generator = torch.Generator().manual_seed(0)
     rows = []
     for _ in range(steps + 1):  # the first step warms up and is not counted
         batch = next(loader)
-        rows.append(train_rft.hygrpo_step(policy, opt, params, batch, cfg, ctx, weights, body, tokenizer,
+        rows.append(train_rft.hygrpo_step(policy, opt, params, [batch], cfg, ctx, weights, body, tokenizer,
                                           generator, 1))
     rows = rows[1:]
     mean = lambda k: sum(r[k] for r in rows) / len(rows)  # noqa: E731

@@ -288,7 +288,7 @@ def measure_depth(llm_layers, args, device, small):
 
         def rft_step():
             with autocast:
-                return train_rft.hygrpo_step(policy, opt, params, batch, cfg, ctx, weights, body_model, tokenizer,
+                return train_rft.hygrpo_step(policy, opt, params, [batch], cfg, ctx, weights, body_model, tokenizer,
                                              generator, 1)
         parts.append(meter.time(rft_step))
     fig["rft_s"], fig["rft_peak_gib"] = meter.step_s, meter.peak_gib

@@ -593,7 +593,7 @@ def test_hygrpo_step_ascends_the_pathwise_term(sft_dir, tmp_path, monkeypatch):
         policy.load_state_dict(start)
         cfg.gradient_at_mean = lam
         opt = torch.optim.SGD(params, lr=1.0)
-        train_rft.hygrpo_step(policy, opt, params, batch, cfg, ctx, weights, body, tokenizer,
+        train_rft.hygrpo_step(policy, opt, params, [batch], cfg, ctx, weights, body, tokenizer,
                               torch.Generator().manual_seed(1), 1)
         moved[lam] = w.detach() - start[next(k for k, v in policy.named_parameters() if v is w)]
     torch.testing.assert_close(moved[3.0] - moved[0.0], 3.0 * d, atol=1e-5, rtol=1e-5)
