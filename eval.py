@@ -215,25 +215,26 @@ def paired_change(before: torch.Tensor, after: torch.Tensor) -> tuple[float, flo
 
 
 def _average_ranks(x: torch.Tensor) -> torch.Tensor:
-    """Ranks 1..G of each row (P, G), ties sharing their average rank (Spearman's convention)."""
-    less = (x[:, None, :] < x[:, :, None]).sum(-1).double()  # (P, G) how many are smaller
-    equal = (x[:, None, :] == x[:, :, None]).sum(-1).double()  # (P, G) how many tie, itself included
-    return less + (equal + 1) / 2  # (P, G)
+    """Ranks 1..group_size of each row (P, group_size), ties sharing their average rank (Spearman's convention)."""
+    less = (x[:, None, :] < x[:, :, None]).sum(-1).double()  # (P, group_size) how many are smaller
+    equal = (x[:, None, :] == x[:, :, None]).sum(-1).double()  # (P, group_size) how many tie, itself included
+    return less + (equal + 1) / 2  # (P, group_size)
 
 
-def group_rank_correlation(a: torch.Tensor, b: torch.Tensor, G: int) -> tuple[float, int]:
-    """Spearman's rank correlation between two scores of the same candidates within each group of G
+def group_rank_correlation(a: torch.Tensor, b: torch.Tensor, group_size: int) -> tuple[float, int]:
+    """Spearman's rank correlation between two scores of the same candidates within each group of group_size
     (one prompt's candidates), averaged over the groups where both scores vary. (N,) x2 -> (mean, groups).
 
     This is how well one reward ranks a prompt's candidates the way another does: HyGRPO only ever uses
     a reward through its ranks and gaps inside a group (Eq. 16), so this, not a global correlation, says
     whether optimising the learned semantic reward (Eq. 8) improves what the exact checker measures.
     Returns (nan, 0) when no group has variation in both."""
-    if a.shape != b.shape or a.dim() != 1 or a.numel() % G:
-        raise ValueError(f"group_rank_correlation expects two (P * G,) tensors with G={G}, got "
-                         f"{tuple(a.shape)} and {tuple(b.shape)}")
-    ra, rb = _average_ranks(a.view(-1, G).double()), _average_ranks(b.view(-1, G).double())  # (P, G)
-    ra, rb = ra - ra.mean(1, keepdim=True), rb - rb.mean(1, keepdim=True)  # (P, G)
+    if a.shape != b.shape or a.dim() != 1 or a.numel() % group_size:
+        raise ValueError(f"group_rank_correlation expects two (P * group_size,) tensors with "
+                         f"group_size={group_size}, got {tuple(a.shape)} and {tuple(b.shape)}")
+    ra = _average_ranks(a.view(-1, group_size).double())  # (P, group_size)
+    rb = _average_ranks(b.view(-1, group_size).double())  # (P, group_size)
+    ra, rb = ra - ra.mean(1, keepdim=True), rb - rb.mean(1, keepdim=True)  # (P, group_size)
     denom = (ra.square().sum(1) * rb.square().sum(1)).sqrt()  # (P,)
     varies = denom > 0  # (P,)
     if not varies.any():
@@ -295,10 +296,10 @@ def evaluate(policy, tokenizer, dataset, body_model, retrievers: dict, embedder,
     `t2p_mean_pose_posecode_acc`: the trivial baselines a policy must beat. Image-to-pose also gives
     `i2p_spread_mm` (spread: how much the answers depend on the image) and the ground truth's,
     `i2p_gt_spread_mm`.
-    agreement_prompts: for this many text-to-pose prompts, G poses are SAMPLED from the policy (as RFT
-    does) and each retriever's cosine is compared with the exact posecode check by the rank correlation
-    within each prompt's G (group_rank_correlation): `t2p_agree_{name}`, how far the semantic reward
-    (Eq. 8) points where the checker does. 0 (the default) skips it.
+    agreement_prompts: for this many text-to-pose prompts, G answers, one pose each, are SAMPLED from the
+    policy (as RFT does) and each retriever's cosine is compared with the exact posecode check by the rank
+    correlation within each prompt's G poses (group_rank_correlation): `t2p_agree_{name}`, how far the
+    semantic reward (Eq. 8) points where the checker does. 0 (the default) skips it.
     Returns a flat dict of floats (errors in mm, recalls and rates in percent) plus sample counts, and
     "items": {metric: per-item values (list)} so two evaluations of the same items can be paired
     (paired_change, format_comparison). The posecode accuracy per family and body region (t2p_family/...,
@@ -431,40 +432,40 @@ def _pooled_items(hits: torch.Tensor, mentions: torch.Tensor) -> list:
     return (100.0 * hits[rows].double() * rows.sum() / mentions.sum()).tolist()
 
 
-def perturbed_agreement(retriever, dataset, n_prompts: int = 200, G: int = 8, noise: float = 0.15,
+def perturbed_agreement(retriever, dataset, n_prompts: int = 200, group_size: int = 8, noise: float = 0.15,
                         seed: int = 0) -> float:
     """The retriever-checker rank agreement without a policy: for the first n_prompts text-to-pose
-    captions of a PoseWorld split, G poses made by adding N(0, noise^2) radians to each body joint's
+    captions of a PoseWorld split, group_size poses made by adding N(0, noise^2) radians to each body joint's
     axis-angle of the caption's own pose (the root kept), ranked by the retriever's cosine (Eq. 8) and by
     the exact check; group_rank_correlation of the two. train_sft.py logs it for both retrievers, so
     the semantic reward's quality is known before any RFT. -> Spearman's rho (float)."""
     rows = dataset.task_indices("t2p")[:n_prompts]  # (P,)
     g = torch.Generator().manual_seed(seed)
-    pose = dataset.pose_body[rows].repeat_interleave(G, 0).clone()  # (P*G, 24, 3)
+    pose = dataset.pose_body[rows].repeat_interleave(group_size, 0).clone()  # (P*group_size, 24, 3)
     pose[:, 1:] += noise * torch.randn(pose[:, 1:].shape, generator=g)
-    return checker_agreement(retriever, dataset, rows, smpl.pose_joints(pose), G)
+    return checker_agreement(retriever, dataset, rows, smpl.pose_joints(pose), group_size)
 
 
-def checker_agreement(retriever, dataset, rows, joints, G: int) -> float:
-    """Spearman's rho within each prompt's G poses between the retriever's cosine (Eq. 8) and PoseWorld's
-    exact posecode check, averaged over prompts. rows (P,) t2p indices into the PoseWorld dataset,
-    joints (P*G, 24, 3) the poses, prompt-major. -> float"""
-    check = data.check_posecodes(joints, dataset.codes[rows].repeat_interleave(G, 0),
-                                 dataset.mentioned[rows].repeat_interleave(G, 0))  # (P*G,)
-    captions = [dataset.captions[i] for i in torch.as_tensor(rows).tolist() for _ in range(G)]
-    cos = rewards.semantic_reward(retriever, captions, joints)  # (P*G,)
-    return group_rank_correlation(cos, check, G)[0]
+def checker_agreement(retriever, dataset, rows, joints, group_size: int) -> float:
+    """Spearman's rho within each prompt's group_size poses between the retriever's cosine (Eq. 8) and
+    PoseWorld's exact posecode check, averaged over prompts. rows (P,) t2p indices into the PoseWorld
+    dataset, joints (P*group_size, 24, 3) the poses, prompt-major. -> float"""
+    check = data.check_posecodes(joints, dataset.codes[rows].repeat_interleave(group_size, 0),
+                                 dataset.mentioned[rows].repeat_interleave(group_size, 0))  # (P*group_size,)
+    captions = [dataset.captions[i] for i in torch.as_tensor(rows).tolist() for _ in range(group_size)]
+    cos = rewards.semantic_reward(retriever, captions, joints)  # (P*group_size,)
+    return group_rank_correlation(cos, check, group_size)[0]
 
 
 def _agreement(policy, tokenizer, dataset, rows, body_model, retrievers, G, device, seed) -> dict:
-    """Rank agreement between each retriever's cosine and the exact posecode check over G sampled poses
-    per text-to-pose prompt (see `evaluate`)."""
+    """Rank agreement between each retriever's cosine and the exact posecode check over G sampled answers,
+    one pose each, per text-to-pose prompt (see `evaluate`)."""
     samples = [dataset[i] for i in rows]
     batch = data.to_device(data.collate_fn(tokenizer, policy, True)(samples), device)
     g = torch.Generator(device=device).manual_seed(seed)
     rollout = M.sample_policy(policy, batch, G, 24, temperature=1.0, generator=g)  # N = len(rows) * G
     joints = smpl.pose_joints(rollout.pose, body_model).cpu()  # (N, 24, 3)
-    return {f"t2p_agree_{name}": checker_agreement(retriever, dataset, rows, joints, G)
+    return {f"t2p_agree_{name}": checker_agreement(retriever, dataset, rows, joints, rollout.group_size)
             for name, retriever in retrievers.items()}
 
 

@@ -26,11 +26,13 @@ schedule, what trains, the task mix, ...) is a row of the departures table (mode
 8. Diagonal covariance: pi_c is N(mu, diag(sigma^2)) over D = 144 rot6d numbers, not Eq. 2's full
    Sigma: O(D) densities and KLs, as in continuous PPO; joints correlate only through mu.
 9. Advantages (Eq. 16): (r - mean) / (std + 1e-6), sample std (Bessel), over a group's valid members;
-   fewer than two distinct valid rewards give exact zeros. A group is a prompt's candidates (G answers x
-   pose samples), so F_hat's std runs over an answer's copies (F_hat 1.067x larger at 8 x 32 than 8 x 1).
+   fewer than two distinct valid rewards give exact zeros. A group is a prompt's group_size candidates (G
+   answers x pose_samples; = G with one pose an answer, as in Eq. 16), so F_hat's std runs over an
+   answer's copies (F_hat 1.067x larger at 8 x 32 than 8 x 1).
 10. An extra gradient term, not in Eq. 6: train_rft.py adds the gradient of each reward registered as
-   differentiable (the joint reward) at the Gaussian's mean, divided by its group's std (group_advantages(..., hold_stats=True)) and weighted by
-   --gradient_at_mean: a deterministic policy gradient with the reward as its own critic. 0 is Eq. 6.
+   differentiable (the joint reward) at the Gaussian's mean, divided by its group's std
+   (group_advantages(..., hold_stats=True)) and weighted by --gradient_at_mean: a deterministic policy
+   gradient with the reward as its own critic. 0 is Eq. 6.
 11. All policies are scored at the text's sampling temperature (as TRL and verl do), not with top-p.
    With one update per batch every ratio is 1 in value and the clip never acts: only gradients matter.
 12. Log-ratios are clamped at +-20 before exp() (k3's from above only), so one wild sample freezes its
@@ -55,13 +57,14 @@ MAX_LOG_RATIO = 20.0
 # Group-relative advantages (Eq. 16)
 
 
-def group_advantages(rewards: torch.Tensor, valid: torch.Tensor | None = None, G: int | None = None,
+def group_advantages(rewards: torch.Tensor, valid: torch.Tensor | None = None, group_size: int | None = None,
                      eps: float = 1e-6, hold_stats: bool = False) -> torch.Tensor:
-    """Eq. 16: normalise each reward within its group of G candidates, (r - mean) / (std + eps).
+    """Eq. 16: normalise each reward within its group, a prompt's group_size candidates (note 9),
+    (r - mean) / (std + eps).
 
-    Layout: `rewards` is either (P, G), one row per prompt, or flat (N,) with N = P * G, the G
-    candidates of a prompt consecutive, in which case G must be given. The result has the shape of
-    `rewards`. `valid` (same shape, bool; None = all valid) selects the members that enter the mean
+    Layout: `rewards` is either (P, group_size), one row per prompt, or flat (N,) with N = P * group_size,
+    a prompt's candidates consecutive, in which case group_size must be given. The result has the shape
+    of `rewards`. `valid` (same shape, bool; None = all valid) selects the members that enter the mean
     and the sample std; invalid members get 0 and may hold any value, NaN included. A group with
     fewer than two distinct valid rewards gives zeros (there is nothing to prefer).
 
@@ -70,24 +73,26 @@ def group_advantages(rewards: torch.Tensor, valid: torch.Tensor | None = None, G
     whose rewards differ (0 elsewhere); the values are the same.
     """
     if rewards.dim() == 1:
-        if G is None:
-            raise ValueError("flat rewards (N,) need G, the number of candidates per prompt; "
-                             "or pass them as (num_prompts, G)")
-        if G < 1 or rewards.shape[0] % G != 0:
-            raise ValueError(f"flat rewards of length {rewards.shape[0]} cannot be split into groups of G={G}")
-        r = rewards.view(-1, G)  # (P, G)
+        if group_size is None:
+            raise ValueError("flat rewards (N,) need group_size, the number of candidates per prompt; "
+                             "or pass them as (num_prompts, group_size)")
+        if group_size < 1 or rewards.shape[0] % group_size != 0:
+            raise ValueError(f"flat rewards of length {rewards.shape[0]} cannot be split into groups of "
+                             f"group_size={group_size}")
+        r = rewards.view(-1, group_size)  # (P, group_size)
     elif rewards.dim() == 2:
-        if G is not None and G != rewards.shape[1]:
-            raise ValueError(f"rewards {tuple(rewards.shape)} are (num_prompts, G) but G={G} was given")
-        r = rewards  # (P, G)
+        if group_size is not None and group_size != rewards.shape[1]:
+            raise ValueError(f"rewards {tuple(rewards.shape)} are (num_prompts, group_size) but "
+                             f"group_size={group_size} was given")
+        r = rewards  # (P, group_size)
     else:
-        raise ValueError(f"rewards must be (num_prompts, G) or flat (N,), got {tuple(rewards.shape)}")
+        raise ValueError(f"rewards must be (num_prompts, group_size) or flat (N,), got {tuple(rewards.shape)}")
     if valid is None:
-        v = torch.ones_like(r, dtype=torch.bool)  # (P, G)
+        v = torch.ones_like(r, dtype=torch.bool)  # (P, group_size)
     else:
         if valid.shape != rewards.shape:
             raise ValueError(f"valid {tuple(valid.shape)} must have the shape of rewards {tuple(rewards.shape)}")
-        v = valid.reshape(r.shape).bool()  # (P, G)
+        v = valid.reshape(r.shape).bool()  # (P, group_size)
     if not torch.isfinite(r[v]).all():
         raise ValueError("a valid candidate has a NaN or infinite reward; rewards must be finite "
                          "(mark candidates without a score invalid instead)")
@@ -95,21 +100,21 @@ def group_advantages(rewards: torch.Tensor, valid: torch.Tensor | None = None, G
     # float64 throughout: in float32, rewards near 1e6 that differ by 0.06 lose their differences to
     # round-off, and rewards of 1e20 square to inf in the variance and give all-zero advantages
     out_dtype = r.dtype
-    r = r.double()  # (P, G)
-    r0 = torch.where(v, r, torch.zeros_like(r))  # (P, G) invalid slots may hold NaN: zero them first
-    rs = r0.detach() if hold_stats else r0  # (P, G) what the mean and std are taken of
+    r = r.double()  # (P, group_size)
+    r0 = torch.where(v, r, torch.zeros_like(r))  # (P, group_size) invalid slots may hold NaN: zero them first
+    rs = r0.detach() if hold_stats else r0  # (P, group_size) what the mean and std are taken of
     n = v.sum(-1, keepdim=True)  # (P, 1) valid members per group
     mean = rs.sum(-1, keepdim=True) / n.clamp(min=1)  # (P, 1)
-    dev = torch.where(v, rs - mean, torch.zeros_like(r))  # (P, G)
+    dev = torch.where(v, rs - mean, torch.zeros_like(r))  # (P, group_size)
     var = (dev * dev).sum(-1, keepdim=True) / (n - 1).clamp(min=1)  # (P, 1) sample variance
     std = var.sqrt()  # (P, 1)
     if hold_stats:
-        dev = torch.where(v, r0 - mean, torch.zeros_like(r))  # (P, G) the same values, r0's gradient
+        dev = torch.where(v, r0 - mean, torch.zeros_like(r))  # (P, group_size) the same values, r0's gradient
     # "all valid rewards equal" tested exactly, so round-off in mean/std never becomes (1e-17 / eps)
     hi = torch.where(v, rs, torch.full_like(r, -math.inf)).amax(-1, keepdim=True)  # (P, 1)
     lo = torch.where(v, rs, torch.full_like(r, math.inf)).amin(-1, keepdim=True)  # (P, 1)
     spread = hi > lo  # (P, 1) false for 0 or 1 valid members, or all equal
-    adv = torch.where(v & spread, dev / (std + eps), torch.zeros_like(r))  # (P, G)
+    adv = torch.where(v & spread, dev / (std + eps), torch.zeros_like(r))  # (P, group_size)
     return adv.to(out_dtype).reshape(rewards.shape)
 
 

@@ -11,7 +11,7 @@ The policy (Sec. 3.1, Appendix A)
                 reference policy pi_ref;
 2. pose head    `GaussianPoseHead` and `PoseGaussian`: the continuous policy pi(p | q, a) of Eq. 2, a
                 diagonal Gaussian over 24 x rot6d read at the `<POSE>` token;
-3. RFT          `sample_policy` (G candidates per prompt, Algorithm 1 line 6), `policy_logprobs` (the
+3. RFT          `sample_policy` (G answers per prompt, Algorithm 1 line 6), `policy_logprobs` (the
                 teacher-forced scores the HyGRPO loss needs), `answer_texts`;
 4. config       `PoseLLaVAConfig`, the presets `tiny` / `llava-1.5-7b`, the trainable `<POSE>` rows.
 
@@ -452,10 +452,12 @@ class GaussianPoseHead(nn.Module):
 
 @dataclass
 class Rollout:
-    """G candidates (a_i, p_i) ~ pi_theta(. | q) per prompt, N = prompts x G, prompt-major: candidate
-    i = b * G + g belongs to prompt b. Log-probs are those of the sampling policy (pi_old of hygrpo.py)."""
-    G: int
-    prompt_ids: torch.Tensor      # (N, T0) long, left-padded prompts, each repeated G times
+    """The candidates (a_i, p_i) ~ pi_theta(. | q) of a batch of prompts, group_size per prompt (G answers x
+    pose_samples poses each; = G with one pose an answer, as in the paper), N = prompts x group_size,
+    prompt-major: candidate i = b * group_size + k belongs to prompt b. Log-probs are those of the sampling
+    policy (pi_old of hygrpo.py)."""
+    group_size: int               # candidates per prompt, the group of Eq. 16: G answers x pose_samples
+    prompt_ids: torch.Tensor      # (N, T0) long, left-padded prompts, each repeated group_size times
     prompt_mask: torch.Tensor     # (N, T0) bool
     tokens: torch.Tensor          # (N, Tn) long: the answer a_i; pad after the stop token
     mask: torch.Tensor            # (N, Tn) bool: generated tokens up to and including the stop token
@@ -468,7 +470,7 @@ class Rollout:
     v_a: torch.Tensor | None      # (n_img, L_a, d_a) frozen CLIP features of the prompts' images, once each
     v_b: torch.Tensor | None      # (n_img, L_b, d_b) frozen pose-ViT features
     temperature: float = 1.0      # the text's sampling temperature; every log-prob of the answer is taken at it
-    pose_samples: int = 1         # M: each answer's pose drawn M times, rows i*M .. i*M+M-1 share the answer
+    pose_samples: int = 1         # poses drawn per answer; an answer's pose_samples rows are consecutive
 
 
 @torch.no_grad()
@@ -476,10 +478,10 @@ def sample_policy(model, batch, G, max_new_tokens, temperature=1.0, top_p=1.0, g
     """Sample G hybrid answers per prompt: text a_i by Llava.generate (KV cache, stopping at eos), and for
     every answer that emitted `<POSE>`, a pose p_i from the Gaussian head at that token (Eq. 1, 2).
 
-    pose_samples = M > 1 (not in the paper; hygrpo.py note 9): each answer's pose is drawn M times from
-    its Gaussian, so a prompt has G x M candidates (a_i, p_ij), rows i*M .. i*M+M-1 sharing one answer.
-    The text is generated, and later scored, once per answer; only the cheap pose draws are repeated.
-    The returned Rollout then has G = G x M candidates per prompt and pose_samples = M.
+    pose_samples > 1 (not in the paper; hygrpo.py note 9): each answer's pose is drawn pose_samples times
+    from its Gaussian, so a prompt has G x pose_samples candidates (a_i, p_ij), an answer's draws in
+    consecutive rows. The text is generated, and later scored, once per answer; only the cheap pose draws
+    are repeated. The returned Rollout has group_size = G x pose_samples candidates per prompt.
 
     batch: data.collate(..., for_generation=True) output (input_ids / attention_mask left-padded,
     clip_pixels, pose_pixels). The frozen encoders run once per image, and the LLM's prefill once per prompt
@@ -490,7 +492,7 @@ def sample_policy(model, batch, G, max_new_tokens, temperature=1.0, top_p=1.0, g
     Returns a Rollout.
     """
     if G < 1:
-        raise ValueError(f"G={G}; need at least one candidate per prompt")
+        raise ValueError(f"G={G}; need at least one answer per prompt")
     cfg = model.config
     v_a = v_b = visual = None
     if batch["clip_pixels"].shape[0] > 0:
@@ -502,21 +504,21 @@ def sample_policy(model, batch, G, max_new_tokens, temperature=1.0, top_p=1.0, g
                                max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                stop_token_ids=() if eos is None else (eos,), pad_token_id=cfg.llava.pad_token_id,
                                capture_token_id=cfg.pose_token_id, generator=generator,
-                               num_return_sequences=G)  # (N, ...) rows, N = B*G prompt-major
-    prompt_ids = batch["input_ids"].repeat_interleave(G, dim=0)  # (N, T0)
-    prompt_mask = batch["attention_mask"].bool().repeat_interleave(G, dim=0)  # (N, T0)
-    M = int(pose_samples)
-    if M < 1:
+                               num_return_sequences=G)  # (A, ...) rows, the A = B*G answers prompt-major
+    prompt_ids = batch["input_ids"].repeat_interleave(G, dim=0)  # (A, T0)
+    prompt_mask = batch["attention_mask"].bool().repeat_interleave(G, dim=0)  # (A, T0)
+    pose_samples = int(pose_samples)
+    if pose_samples < 1:
         raise ValueError(f"pose_samples={pose_samples}; need at least one pose per answer")
-    rep = lambda t: t.repeat_interleave(M, dim=0)  # noqa: E731  (N, ...) -> (N*M, ...) each answer M times
-    dist = model.pose_head(rep(gen.captured_hidden))  # (N*M, 144) each
-    valid = rep(gen.captured)  # (N*M,)
-    pose = torch.where(valid[:, None], dist.sample(generator), dist.mu)  # (N*M, 144)
-    pose_logprobs = torch.where(valid, dist.log_prob(pose), torch.zeros_like(dist.mu[:, 0]))  # (N*M,)
-    return Rollout(G=G * M, prompt_ids=rep(prompt_ids), prompt_mask=rep(prompt_mask), tokens=rep(gen.tokens),
-                   mask=rep(gen.mask), logprobs=rep(gen.logprobs), pose=pose, pose_logprobs=pose_logprobs,
-                   mu=dist.mu, log_std=dist.log_std, valid=valid, v_a=v_a, v_b=v_b, temperature=temperature,
-                   pose_samples=M)
+    rep = lambda t: t.repeat_interleave(pose_samples, dim=0)  # noqa: E731  (A, ...) -> (N, ...), N = A*pose_samples
+    dist = model.pose_head(rep(gen.captured_hidden))  # (N, 144) each
+    valid = rep(gen.captured)  # (N,)
+    pose = torch.where(valid[:, None], dist.sample(generator), dist.mu)  # (N, 144)
+    pose_logprobs = torch.where(valid, dist.log_prob(pose), torch.zeros_like(dist.mu[:, 0]))  # (N,)
+    return Rollout(group_size=G * pose_samples, prompt_ids=rep(prompt_ids), prompt_mask=rep(prompt_mask),
+                   tokens=rep(gen.tokens), mask=rep(gen.mask), logprobs=rep(gen.logprobs), pose=pose,
+                   pose_logprobs=pose_logprobs, mu=dist.mu, log_std=dist.log_std, valid=valid, v_a=v_a, v_b=v_b,
+                   temperature=temperature, pose_samples=pose_samples)
 
 
 class PolicyScores(typing.NamedTuple):
@@ -541,9 +543,10 @@ def policy_logprobs(model, rollout):
     if torch.is_grad_enabled() and (_requires_grad(model.llava.vision_tower) or _requires_grad(model.pose_encoder)):
         raise ValueError("policy_logprobs reuses the rollout's stored encoder features, so f_a and f_b must be "
                          "frozen (model.set_trainable('rft'))")
-    M = rollout.pose_samples  # each answer appears M times in a row (sample_policy's pose_samples)
-    G, T0, Tn = rollout.G // M, rollout.prompt_ids.shape[1], rollout.tokens.shape[1]  # G answers per prompt
-    tokens, mask = rollout.tokens[::M], rollout.mask[::M]  # (A, Tn) the A = N / M answers
+    pose_samples = rollout.pose_samples  # each answer appears pose_samples times in a row
+    G = rollout.group_size // pose_samples  # answers per prompt
+    T0, Tn = rollout.prompt_ids.shape[1], rollout.tokens.shape[1]
+    tokens, mask = rollout.tokens[::pose_samples], rollout.mask[::pose_samples]  # (A, Tn) the answers
     # A prompt's G answers are often the same text (the pose template): run each distinct (prompt, answer)
     # through the LLM once and share its scores. The result is the same as scoring every row; the
     # gradient of a shared row is the sum over its copies, as it would be.
@@ -553,12 +556,13 @@ def policy_logprobs(model, rollout):
     first_copy = torch.full((distinct.shape[0],), tokens.shape[0], dtype=torch.long, device=tokens.device)
     first_copy = first_copy.scatter_reduce(0, copy_of, torch.arange(tokens.shape[0], device=tokens.device),
                                            reduce="amin")  # (U,) one answer row per distinct pair
-    rows = first_copy * M  # (U,) their rows in the rollout
+    rows = first_copy * pose_samples  # (U,) their rows in the rollout
     prompt_ids, prompt_mask = rollout.prompt_ids[rows], rollout.prompt_mask[rows]  # (U, T0)
     tokens_u, mask_u = rollout.tokens[rows], rollout.mask[rows]  # (U, Tn)
     visual = None
     if rollout.v_a is not None:
-        has_image = (rollout.prompt_ids[::M * G] == model.config.llava.image_token_index).any(-1)  # (B,)
+        first_rows = rollout.prompt_ids[::rollout.group_size]  # (B, T0) each prompt once
+        has_image = (first_rows == model.config.llava.image_token_index).any(-1)  # (B,)
         image_of = torch.cumsum(has_image.long(), 0) - 1  # (B,) index into the rollout's images
         b = prompt_of[first_copy]  # (U,) prompt of each distinct pair, in order
         visual = model.project(rollout.v_a, rollout.v_b)[image_of[b[has_image[b]]]]  # (u_img, L_a + L_b, d)
@@ -570,7 +574,7 @@ def policy_logprobs(model, rollout):
     h = decoder(x, positions, attn_mask)  # (U, T, d)
     logits = lm_head(h[:, T0 - 1:T0 + Tn - 1])  # (U, Tn, V): position t scores the token at t + 1
     logprobs = token_logprobs(logits, tokens_u, rollout.temperature).masked_fill(~mask_u.bool(), 0.0)  # (U, Tn)
-    back = copy_of.repeat_interleave(M)  # (N,) each candidate's distinct pair
+    back = copy_of.repeat_interleave(pose_samples)  # (N,) each candidate's distinct pair
     logprobs = logprobs[back]  # (N, Tn) every copy of an answer scores alike
     first, found = model.pose_positions(tokens_u, mask_u)  # (U,), (U,)
     if not torch.equal(found[back], rollout.valid):
@@ -584,10 +588,11 @@ def policy_logprobs(model, rollout):
 def answer_texts(rollout, tokenizer):
     """The text a_i of every candidate of a rollout: its generated tokens up to, not including, </s>,
     decoded once per answer and shared by the answer's pose draws. -> list of N strings."""
-    N, M = rollout.tokens.shape[0], rollout.pose_samples
+    N, pose_samples = rollout.tokens.shape[0], rollout.pose_samples
     keep = rollout.mask & (rollout.tokens != tokenizer.eos_id)  # (N, Tn) the answer without </s>
-    texts = [tokenizer.decode(rollout.tokens[i][keep[i]].tolist()) for i in range(0, N, M)]  # one per answer
-    return [t for t in texts for _ in range(M)]  # (N,) an answer's pose draws share its text
+    texts = [tokenizer.decode(rollout.tokens[i][keep[i]].tolist())
+             for i in range(0, N, pose_samples)]  # one per answer
+    return [t for t in texts for _ in range(pose_samples)]  # (N,) an answer's pose draws share its text
 
 
 def reference_hidden_states(policy):
@@ -2901,11 +2906,11 @@ def check_config(cfg):
     if cfg.stop_after < 0:
         problems.append(f"--stop_after={cfg.stop_after}: 0 (run to --max_steps) or a number of steps")
     if hasattr(cfg, "G") and cfg.G < 2:
-        problems.append(f"--G={cfg.G}: at least 2 candidates per prompt (Eq. 16 compares each with its group; "
+        problems.append(f"--G={cfg.G}: at least 2 answers per prompt (Eq. 16 compares each with its group; "
                         f"with 1 every text advantage F_hat is 0)")
     if hasattr(cfg, "temperature") and not cfg.temperature > 0:
         problems.append(f"--temperature={cfg.temperature}: must be > 0 in RFT (0 is greedy decoding: the G "
-                        f"candidates coincide and the sampling policy has no log-probabilities)")
+                        f"answers coincide and the sampling policy has no log-probabilities)")
     if hasattr(cfg, "clip_eps") and not cfg.clip_eps >= 0:
         problems.append(f"--clip_eps={cfg.clip_eps}: must be >= 0 (the ratio is clipped to [1 - eps, 1 + eps])")
     for name in ("beta", "beta_i2p", "gradient_at_mean"):  # weights of terms of the RFT loss

@@ -133,11 +133,11 @@ def register_reward(name: str, kind: str, tasks: Sequence[str], differentiable: 
 # ----------------------------------------------------------------------------------------------------
 # Candidates and context: what the RFT loop hands to the rewards
 #
-# One RFT step samples G answers for each of B prompts, each answer with pose_samples poses: N = B x G x
-# pose_samples candidates (an answer's pose draws are consecutive rows sharing its text), each a text a_i
-# and, when the text holds <POSE>, a pose p_i. The loop decodes the texts, turns the poses into SMPL joints,
-# and packs everything, row i = candidate i, into a `Candidates`. Shared resources (models, settings)
-# go into a `RewardContext`, built once before training.
+# One RFT step samples G answers for each of B prompts, each answer with pose_samples poses: group_size =
+# G x pose_samples candidates a prompt, N = B x group_size in all (an answer's pose draws are consecutive
+# rows sharing its text), each a text a_i and, when the text holds <POSE>, a pose p_i. The loop decodes
+# the texts, turns the poses into SMPL joints, and packs everything, row i = candidate i, into a
+# `Candidates`. Shared resources (models, settings) go into a `RewardContext`, built once before training.
 
 def per_candidate(*shape, dtype: torch.dtype | None = None, optional: bool = False):
     """A tensor field of Candidates, one row per candidate: shape (N, *shape), "K" for any size; dtype,
@@ -225,23 +225,23 @@ class Candidates:
         return Candidates(**{f.name: pick(getattr(self, f.name)) for f in fields(self)})
 
 
-def candidates_of(rollout, batch, tokenizer, body_model, G) -> Candidates:
-    """What the rewards see of the N = B x G candidates of a rollout (model.sample_policy) for a
-    collated batch, G here being the rollout's candidates per prompt (answers x pose samples): the decoded
-    answers, the poses as matrices and SMPL joints, and per prompt, repeated for its G candidates, the
-    task, question, caption, reference answer, ground-truth joints (of the same body model as the
-    prediction) and PoseWorld's posecodes when the data set has them."""
+def candidates_of(rollout, batch, tokenizer, body_model, group_size) -> Candidates:
+    """What the rewards see of the N = B x group_size candidates of a rollout (model.sample_policy) for a
+    collated batch, group_size being the rollout's candidates per prompt (G answers x pose_samples): the
+    decoded answers, the poses as matrices and SMPL joints, and per prompt, repeated for its group_size
+    candidates, the task, question, caption, reference answer, ground-truth joints (of the same body model
+    as the prediction) and PoseWorld's posecodes when the data set has them."""
     N = rollout.tokens.shape[0]
     R = smpl.rot6d_to_matrix(rollout.pose.view(N, 24, 6))  # (N, 24, 3, 3)
     joints = smpl.pose_joints(rollout.pose, body_model)  # (N, 24, 3)
-    has_gt = batch["has_pose"].repeat_interleave(G)  # (N,)
+    has_gt = batch["has_pose"].repeat_interleave(group_size)  # (N,)
     gt_joints = smpl.pose_joints(M.pose_to_rot6d(batch["pose"]), body_model)  # (B, 24, 3) same body model
-    gt_joints = gt_joints.repeat_interleave(G, dim=0)  # (N, 24, 3) once per prompt, then repeated
-    rep = lambda xs: [x for x in xs for _ in range(G)]  # noqa: E731  per prompt -> per candidate
+    gt_joints = gt_joints.repeat_interleave(group_size, dim=0)  # (N, 24, 3) once per prompt, then repeated
+    rep = lambda xs: [x for x in xs for _ in range(group_size)]  # noqa: E731  per prompt -> per candidate
     codes = {}  # PoseWorld's reference posecodes and the caption's codes, for the `oracle` diagnostic
     if isinstance(batch.get("codes"), list) and all(torch.is_tensor(x) for x in batch["codes"]):
-        codes = {"codes": torch.stack(batch["codes"]).repeat_interleave(G, dim=0),  # (N, K)
-                 "mentioned": torch.stack(batch["mentioned"]).repeat_interleave(G, dim=0)}  # (N, K)
+        codes = {"codes": torch.stack(batch["codes"]).repeat_interleave(group_size, dim=0),  # (N, K)
+                 "mentioned": torch.stack(batch["mentioned"]).repeat_interleave(group_size, dim=0)}  # (N, K)
     return Candidates(task=rep(batch["task"]), text=M.answer_texts(rollout, tokenizer), valid=rollout.valid,
                       pose=R, joints=joints, gt_joints=gt_joints, has_gt=has_gt, question=rep(batch["question"]),
                       caption=rep(batch.get("caption") or [None] * len(batch["task"])),
@@ -309,7 +309,7 @@ def semantic_reward(retriever: "PoseTextRetriever", captions: Sequence[str], joi
     root_rel = joints - joints[:, :1]  # (N, 24, 3)
     ok = torch.isfinite(joints).all(-1).all(-1) & (root_rel.norm(dim=-1) < MAX_BODY_EXTENT).all(-1)  # (N,)
     safe = torch.where(ok[:, None, None], joints, torch.zeros_like(joints))  # (N, 24, 3)
-    unique = list(dict.fromkeys(captions))  # a prompt's G candidates share one caption: encode it once
+    unique = list(dict.fromkeys(captions))  # a prompt's candidates share one caption: encode it once
     text_emb = retriever.encode_text(unique)  # (U, d)
     rows = torch.tensor([unique.index(t) for t in captions], device=text_emb.device)  # (N,)
     pose_emb = retriever.encode_pose(safe)  # (N, d)
@@ -537,8 +537,8 @@ def text_similarity(embedder: TextEmbedder, preds: Sequence[str], refs: Sequence
     """Eq. 10: R_text = cos(E(a_pred), E(a_gt)) for each pair, (n,) in [-1, 1].
 
     Predictions and references go through the embedder in one call, each distinct text once: a VQA
-    prompt's G x M candidates (note 9 of hygrpo.py) repeat G answers and one reference. Empty strings
-    are fine (they still get <s></s>); a zero or non-finite embedding gives 0 rather than NaN.
+    prompt's G x pose_samples candidates (note 9 of hygrpo.py) repeat G answers and one reference. Empty
+    strings are fine (they still get <s></s>); a zero or non-finite embedding gives 0 rather than NaN.
     """
     if len(preds) != len(refs):
         raise ValueError(f"text_similarity needs as many predictions as references, got "

@@ -10,7 +10,7 @@ Two ways to get a body model:
     body = SMPL()                                   # built-in skeleton: joints only, no files needed
     body = SMPL.from_file("SMPL_NEUTRAL.pkl")       # the official model: joints and the 6890-vertex mesh
     out = body(body_pose, global_orient, betas, transl)   # out.joints (B, 24, 3), out.vertices (B, 6890, 3)
-    out = body(body_pose, return_vertices=False)    # joints only: the fast path RFT uses for G x B poses
+    out = body(body_pose, return_vertices=False)    # joints only: the fast path RFT uses for its N candidate poses
 
 The official SMPL files are licensed and not shipped: register (free) at https://smpl.is.tue.mpg.de and
 download "SMPL for Python" (basicmodel_{neutral,f,m}_lbs_10_207_0_v1.x.x.pkl, often renamed

@@ -1,7 +1,7 @@
 """Stage 2: reinforcement fine-tuning with HyGRPO (Algorithm 1; Sec. 3.2-3.3; Table 4, right column).
 
 Per step (Algorithm 1, lines 5-9):
-    a batch of prompts q  ->  G candidates (a_i, p_i) each from the current policy (model.sample_policy)
+    a batch of prompts q  ->  G answers a_i each, pose_samples poses p_i an answer (model.sample_policy)
     ->  rewards from the registry (rewards.compute_rewards): R_d scores the text a_i, R_c the pose p_i
     ->  group-relative advantages F_hat (from R_d) and Delta_hat (from R_c, valid candidates only), Eq. 16
     ->  the HyGRPO loss, the negative of Eq. 6 (hygrpo.hygrpo_loss)  ->  an AdamW step.
@@ -12,8 +12,8 @@ frozen base (model.PoseLLaVA.reference; the paper writes both as pi_ref; see hyg
 
 The main job, `python train_rft.py` with no arguments on a fresh clone: trains the tiny SFT model if
 there is none yet (train_sft.py), evaluates it, runs RFT on PoseWorld, evaluates again and prints the
-before/after table (also written to out/tiny-rft/results.md). It took 9.3 to 9.6 minutes on a 2-core CPU,
-alone (seeds 0, 1; the machine's speed varies from hour to hour; docs/experiments.md).
+before/after table (also written to out/tiny-rft/results.md), in under ten minutes on a 2-core CPU
+(README.md gives the timings).
 
 Launch:
     python train_rft.py                                    # the main job (tiny preset, CPU)
@@ -61,25 +61,25 @@ class RFTConfig:
     seed: int = 0
     device: str = "auto"              # "auto" = cuda:LOCAL_RANK if available, else cpu
     dtype: str = "float32"            # "bfloat16": autocast on GPU
-    activation_checkpointing: bool = False  # recompute the LLM's layers in backward: less memory, ~30% slower
+    activation_checkpointing: bool = False  # recompute the LLM's layers in backward: less memory, slower
     # HyGRPO (Eq. 6)
     algo: str = "hygrpo"              # "grpo" = discrete-only baseline of Fig. 4 (no pose-policy gradient)
     rewards: str = "joint:1,semantic:1,format:1,text:1"  # name:weight; weight 0 removes a reward (Table 5)
     reward_retriever: str = "reward"  # the semantic reward's retriever; "eval" breaks Table 6's check (exercise)
     G: int = 8                        # answers per prompt
-    pose_samples: int = 32            # poses per answer (not in the paper: README, 'Departures'); cheap to draw
-    batch_size: int = 16              # GLOBAL prompts per step over all processes (Table 4's 16); tiny: 8 was too few
+    pose_samples: int = 32            # poses per answer (not in the paper): cheap, 32 beat 8 (docs/experiments.md)
+    batch_size: int = 16              # GLOBAL prompts a step, all processes (Table 4's); 8 too few (docs/experiments.md)
     micro_batch: int = 0              # prompts per process per sampling pass; 0 = its whole share (no accumulation)
-    task_mix: str = "t2p:6,i2p:2,vqa:1"  # the RFT prompts' tasks; "" = thirds (real data: each sample once)
-    max_steps: int = 300              # tiny: 300 x 16 prompts (README, 'Departures')
+    task_mix: str = "t2p:6,i2p:2,vqa:1"  # "" = thirds (real data: each sample once): too few t2p (docs/experiments.md)
+    max_steps: int = 300              # tiny: enough t2p prompts to move, in the main job's time (docs/experiments.md)
     inner_epochs: int = 1             # policy updates per sampled batch (the old policy stays the sampler)
     clip_eps: float = 0.2             # epsilon of the clipped ratios
     # inner_epochs = 1: the policy that is scored IS the sampler, every ratio is exactly 1, and clip_eps
     # never acts (only the ratios' gradients matter; hygrpo.py notes 1, 11). Clipping needs >= 2.
     beta: float = 0.05                # KL to pi_ref; tiny: more of the posecode gain than at 0.1 (docs/experiments.md)
-    beta_i2p: float = 1.0             # the pose KL's weight on image-to-pose prompts (hygrpo.py note 7); = beta: Eq. 6
-    gradient_at_mean: float = 3.0     # x the differentiable rewards' gradient at the mean (hygrpo.py note 10); 0: Eq. 6
-    pose_kl: str = "exact"            # pose KL: closed form ("exact", note 6), or GRPO's "k3" at the sample
+    beta_i2p: float = 1.0             # i2p prompts' pose KL weight (hygrpo.py note 7): holds MPJPE (docs/experiments.md)
+    gradient_at_mean: float = 3.0     # hygrpo.py note 10 (0: Eq. 6): helps i2p; 10 cost t2p gain (docs/experiments.md)
+    pose_kl: str = "exact"            # closed form (note 6); GRPO's "k3" drifted from pi_ref (docs/experiments.md)
     temperature: float = 1.0          # sampling temperature of the text policy
     top_p: float = 1.0
     max_new_tokens: int = 24
@@ -132,7 +132,7 @@ RECIPES = {"llava-1.5-7b": {
     "sft_dir": ("out/llava-1.5-7b-sft", "choice: train_sft.py's 7B folder"),
     "out_dir": ("out/llava-1.5-7b-rft", "choice: the preset's own folder"),
     "dtype": ("bfloat16", "choice: a 7B model does not train in float32 on an 80 GB A800"),
-    "activation_checkpointing": (True, "choice: memory for G candidates a prompt"),
+    "activation_checkpointing": (True, "choice: memory for G answers a prompt"),
     "rewards": ("joint:1,semantic:1,format:1,text:1", "paper: Sec. 3.3's four rewards (weights not stated)"),
     "G": (8, "choice: not stated; VLM-R1's 8 generations a prompt"),
     "pose_samples": (1, "paper: Eq. 6, one pose an answer"),
@@ -182,7 +182,7 @@ def pose_scored(valid, tasks):
 
 
 def global_normalisers(N, V, world_size, device):
-    """(N_norm, V_norm) for hygrpo_loss: the number of answers and of poses in V summed over ranks, divided
+    """(N_norm, V_norm) for hygrpo_loss: the number of candidates and of those in V summed over ranks, divided
     by the world size. Each rank divides its sums by them, and average_gradients divides by the world size
     again, so the update is the gradient of one batch holding every rank's candidates, normalised by the
     GLOBAL N and V: a rank that drew few valid poses does not weigh them more (hygrpo.py, note 5)."""
@@ -210,7 +210,7 @@ def differentiable_rewards(cfg, weights):
     return {name: w for name, w in weights.items() if w > 0 and rewards.REWARDS[name].differentiable}
 
 
-def gradient_at_mean(pose, cands, R_c, in_V, G, weights, body_model, ctx, V_norm, pose_samples=1):
+def gradient_at_mean(pose, cands, R_c, in_V, group_size, weights, body_model, ctx, V_norm, pose_samples=1):
     """hygrpo.py note 10: the deterministic policy gradient of each differentiable reward at each
     Gaussian's mean. Returns (J_path, {name: the reward's mean at the means}). J_path is (1/V) sum over V of
     Delta_hat_i with, on the candidates each reward scores, the gradient of w R(mu_i(theta)) / std of its
@@ -235,7 +235,8 @@ def gradient_at_mean(pose, cands, R_c, in_V, G, weights, body_model, ctx, V_norm
         means[name] = r.mean().item()
     if all(m != m for m in means.values()):  # no candidate any of them scores (V may be 0): no term
         return pose.mu.new_zeros(()), means
-    J_path = hygrpo.group_advantages(R, valid=in_V, G=G, hold_stats=True)[in_V].sum() / V_norm  # ()
+    adv = hygrpo.group_advantages(R, valid=in_V, group_size=group_size, hold_stats=True)  # (N,)
+    J_path = adv[in_V].sum() / V_norm  # ()
     return J_path, means
 
 
@@ -248,22 +249,22 @@ def score_batch(policy, batch, cfg, ctx, weights, body_model, tokenizer, generat
     policy.eval()  # no dropout while sampling
     rollout = M.sample_policy(policy, batch, cfg.G, cfg.max_new_tokens, cfg.temperature, cfg.top_p, generator,
                               pose_samples=cfg.pose_samples)
-    G = rollout.G  # candidates per prompt: cfg.G answers x cfg.pose_samples poses each
+    group_size = rollout.group_size  # candidates per prompt: cfg.G answers x cfg.pose_samples poses each
     t_sample = time.time() - t0
 
     # line 7: rewards; R_d scores the text a_i, R_c the pose p_i
     t0 = time.time()
-    cands = rewards.candidates_of(rollout, batch, tokenizer, body_model, G)
+    cands = rewards.candidates_of(rollout, batch, tokenizer, body_model, group_size)
     R_d, R_c, per_reward = rewards.compute_rewards(cands, ctx, weights)  # (N,), (N,), {name: (N,)}
-    # line 8: group-relative advantages, Eq. 16, over each prompt's G candidates
-    F_hat = hygrpo.group_advantages(R_d, G=G)  # (N,) every candidate has a text answer
+    # line 8: group-relative advantages, Eq. 16, over each prompt's group_size candidates
+    F_hat = hygrpo.group_advantages(R_d, group_size=group_size)  # (N,) every candidate has a text answer
     in_V = pose_scored(rollout.valid, cands.task)  # (N,) poses of pose tasks (note 4)
-    Delta_hat = hygrpo.group_advantages(R_c, valid=in_V, G=G)  # (N,) 0 outside V
+    Delta_hat = hygrpo.group_advantages(R_c, valid=in_V, group_size=group_size)  # (N,) 0 outside V
     beta_c = pose_kl_weights(cands.task, cfg, rollout.valid.device)  # (N,) beta, or beta_i2p (note 7)
     with torch.no_grad(), policy.reference():  # pi_ref = pi_init: frozen copies of every RFT-trained tensor
         ref = M.policy_logprobs(policy, rollout)  # (N, Tn) logprobs, (N,) pose_logprobs, (N, 144) Gaussians
-    return dict(rollout=rollout, G=G, cands=cands, R_d=R_d, R_c=R_c, per_reward=per_reward, F_hat=F_hat,
-                in_V=in_V, Delta_hat=Delta_hat, beta_c=beta_c, ref=ref, t_sample=t_sample,
+    return dict(rollout=rollout, group_size=group_size, cands=cands, R_d=R_d, R_c=R_c, per_reward=per_reward,
+                F_hat=F_hat, in_V=in_V, Delta_hat=Delta_hat, beta_c=beta_c, ref=ref, t_sample=t_sample,
                 t_score=time.time() - t0)
 
 
@@ -297,7 +298,7 @@ def hygrpo_step(policy, opt, params, batches, cfg, ctx, weights, body_model, tok
                                              pose_kl=exact_kl if cfg.pose_kl == "exact" else None,
                                              N_norm=N_norm, V_norm=V_norm, beta_c=p["beta_c"])
             if at_mean:  # note 10
-                J_path, means = gradient_at_mean(cur.pose, p["cands"], p["R_c"], in_V, p["G"], at_mean,
+                J_path, means = gradient_at_mean(cur.pose, p["cands"], p["R_c"], in_V, p["group_size"], at_mean,
                                                  body_model, ctx, V_norm, rollout.pose_samples)
                 stats.update({f"{name}_at_mean": v for name, v in means.items()})
                 loss = loss - cfg.gradient_at_mean * J_path
@@ -336,7 +337,7 @@ def part_metrics(p, weights):
                "t_sample": p["t_sample"], "t_score": p["t_score"], "R_d": p["R_d"].mean().item(),
                "R_c": valid_mean(p["R_c"]), "F_hat_abs": p["F_hat"].abs().mean().item(),
                "Delta_hat_abs": p["Delta_hat"].abs().mean().item(), "log_std": valid_mean(p["rollout"].log_std)}
-    metrics["agree_semantic_checker"] = semantic_checker_agreement(p["cands"], p["per_reward"], p["G"])
+    metrics["agree_semantic_checker"] = semantic_checker_agreement(p["cands"], p["per_reward"], p["group_size"])
     means = rewards.reward_means(p["cands"], p["per_reward"])  # {"name/task": mean over the candidates it scored}
     for name in sorted(n for n, w in weights.items() if w > 0):  # the same keys on every rank (all_reduce)
         for task in rewards.REWARDS[name].tasks:
@@ -344,21 +345,21 @@ def part_metrics(p, weights):
     return metrics
 
 
-def semantic_checker_agreement(cands, per_reward, G):
-    """How well the semantic reward (Eq. 8) ranks each text-to-pose prompt's G candidates the way
+def semantic_checker_agreement(cands, per_reward, group_size):
+    """How well the semantic reward (Eq. 8) ranks each text-to-pose prompt's group_size candidates the way
     PoseWorld's exact checker does: Spearman's rank correlation within the group, averaged over the
     groups (eval.group_rank_correlation). NaN without the semantic reward, posecodes, or a t2p group
-    whose G candidates all have a pose."""
+    whose candidates all have a pose."""
     if "semantic" not in per_reward or cands.codes is None:
         return float("nan")
-    t2p = torch.tensor([t == "t2p" for t in cands.task[::G]])  # (P,) one task per prompt
-    full = t2p & cands.valid.view(-1, G).all(1).cpu()  # (P,)
-    rows = full.repeat_interleave(G)  # (N,)
+    t2p = torch.tensor([t == "t2p" for t in cands.task[::group_size]])  # (P,) one task per prompt
+    full = t2p & cands.valid.view(-1, group_size).all(1).cpu()  # (P,)
+    rows = full.repeat_interleave(group_size)  # (N,)
     if not rows.any():
         return float("nan")
     check = data.check_posecodes(cands.joints[rows].detach().cpu(), cands.codes[rows].cpu(),
                                  cands.mentioned[rows].cpu())  # (n,)
-    rho, _ = E.group_rank_correlation(per_reward["semantic"][rows].cpu(), check, G)
+    rho, _ = E.group_rank_correlation(per_reward["semantic"][rows].cpu(), check, group_size)
     return rho
 
 

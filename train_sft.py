@@ -65,13 +65,13 @@ class SFTConfig:
     seed: int = 0
     device: str = "auto"             # "auto" = cuda:LOCAL_RANK if available, else cpu
     dtype: str = "float32"           # "bfloat16" autocast on GPU for the 7B preset
-    activation_checkpointing: bool = False  # recompute the LLM's layers in backward: less memory, ~30% slower
+    activation_checkpointing: bool = False  # recompute the LLM's layers in backward: less memory, slower
     # data
     data: str = "poseworld"          # "poseworld" (the tiny world), or real sets: "posescript,h36m,llava_instruct"
     poseworld_size: int = 6000       # training samples of PoseWorld (t2p / i2p / vqa mixed)
-    task_mix: str = "t2p:4,i2p:1,vqa:1"  # PoseWorld's training tasks (the same poses); "" = thirds (README, 'Departures')
+    task_mix: str = "t2p:4,i2p:1,vqa:1"  # more t2p than thirds (""), not so many that i2p slips (docs/experiments.md)
     image_size: int = 64             # PoseWorld image side in pixels
-    posescript_root: str = ""        # real data paths (see README "Real weights and data")
+    posescript_root: str = ""        # real data paths (README, 'Using the real weights')
     amass_root: str = ""
     h36m_npz: str = ""
     h36m_images: str = ""
@@ -84,7 +84,7 @@ class SFTConfig:
     # optimisation (the tiny preset's; llava-1.5-7b takes Table 4's from RECIPES below)
     batch_size: int = 16             # GLOBAL samples per optimiser step (Table 4's batch), over all processes
     micro_batch: int = 0             # samples per process per forward pass; 0 = its whole share (no accumulation)
-    max_steps: int = 2400            # tiny, after pretrain_steps (README, 'Departures')
+    max_steps: int = 2400            # tiny, after pretrain_steps; 3000 did better but cost time (docs/experiments.md)
     lr: float = 5e-4                 # tiny trains from scratch; 2e-3 collapsed to one constant pose
     min_lr_ratio: float = 0.1        # cosine decays to lr * min_lr_ratio
     warmup_steps: int = 50
@@ -97,23 +97,23 @@ class SFTConfig:
     nll_weight: float = 0.005        # Gaussian NLL of the GT pose (summed over 144 dims, so scaled down)
     nll_beta: float = 0.0            # 1 = beta-NLL (pose_nll; not in the paper): an exercise
     joint_weight: float = 20.0       # mean per-joint position error through SMPL, metres
-    posecode_weight: float = 5.0     # auxiliary: classify the caption's posecodes from h at <POSE> (posecode_loss)
+    posecode_weight: float = 5.0     # auxiliary posecode_loss: teaches h at <POSE> which side (docs/experiments.md)
     deterministic_head: bool = False  # Table 3 "Baseline": mean-only pose head
     tiny_sizes: str = ""             # tiny model sizes, e.g. "llm_hidden=192,llm_layers=6" (model._tiny_config)
     # the tokenizer (tiny) and the two retrievers
-    vocab_size: int = 1024           # tiny BPE (955 tokens in fact): ~72 tokens a sample, not ~130 at 768
-    retriever_pairs: int = 40000     # t2p-only PoseWorld captions, two disjoint halves; 8000 ranked worse (README)
-    retriever_steps: int = 600       # 800 ranked a little better but cost ~35 s of the main job
+    vocab_size: int = 1024           # the tiny BPE's cap: shorter samples in tokens than at 768 (docs/experiments.md)
+    retriever_pairs: int = 40000     # t2p-only PoseWorld captions in two halves; 8000 ranked worse (docs/experiments.md)
+    retriever_steps: int = 600       # 800 ranked a little better but cost the main job time (docs/experiments.md)
     retriever_batch: int = 256
     retriever_lr: float = 1e-3
     # PoseWorld: each pair's twin (a nearby pose that breaks one of its caption's codes) as a hard negative
-    retriever_hard_negatives: bool = True  # README, 'Departures'
+    retriever_hard_negatives: bool = True  # ranks a caption's poses more as the checker does (docs/experiments.md)
     # tiny only (llava-1.5-7b's f_b IS the pretrained HMR2.0): the pose ViT f_b first learns image -> SMPL
     # pose alone (pretrain_pose_encoder), a stand-in for HMR2.0's pretraining (README, 'Departures'); 0 = none
-    pretrain_steps: int = 1000       # 30 s on 2 cores
+    pretrain_steps: int = 1000       # pays on both tasks at a small cost in time (docs/experiments.md)
     pretrain_images: int = 20000     # PoseWorld image-to-pose pairs of the train split, drawn with seed + 5
     pretrain_batch: int = 64
-    pretrain_lr: float = 3e-3        # joint error after 1000 steps: 142 mm at 3e-3, 172 at 1e-3, 159 at 6e-3
+    pretrain_lr: float = 3e-3        # the best of 1e-3, 3e-3, 6e-3 (docs/experiments.md)
     # bookkeeping
     log_every: int = 25
     save_every: int = 200

@@ -42,8 +42,8 @@ def timeit(fn, repeat=5, warmup=1):
 @bench("smpl")
 def bench_smpl(B=512):
     """SMPL forward on CPU, float32, batch B: smplx vs ours with vertices, and our joints-only path
-    (what the rewards call for G x batch poses every RFT step). Both read the same random model file
-    in the official layout, so no licensed data is needed."""
+    (what the rewards call for the batch x G x pose_samples poses of every RFT step). Both read the same
+    random model file in the official layout, so no licensed data is needed."""
     import pickle
     import tempfile
 

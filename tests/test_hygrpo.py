@@ -23,8 +23,8 @@ def test_group_advantages_hand_computed():
     expected /= torch.tensor([[1.2909944 + 1e-6], [0.5773503 + 1e-6]])
     adv = group_advantages(rewards)
     assert torch.allclose(adv, expected, atol=1e-6)
-    # the flat layout with G gives the same numbers, in the same order
-    assert torch.allclose(group_advantages(rewards.flatten(), G=4), expected.flatten(), atol=1e-6)
+    # the flat layout with group_size gives the same numbers, in the same order
+    assert torch.allclose(group_advantages(rewards.flatten(), group_size=4), expected.flatten(), atol=1e-6)
 
 
 def test_group_advantages_hold_stats_gradient_hand_computed():
@@ -84,10 +84,10 @@ def test_group_advantages_large_rewards_in_float64():
 
 def test_group_advantages_rejects_bad_input():
     """Catches silently normalising across prompts, or a NaN reward of a valid member going through."""
-    with pytest.raises(ValueError, match="need G"):
+    with pytest.raises(ValueError, match="need group_size"):
         group_advantages(torch.zeros(8))
-    with pytest.raises(ValueError, match="groups of G"):
-        group_advantages(torch.zeros(7), G=4)
+    with pytest.raises(ValueError, match="groups of group_size"):
+        group_advantages(torch.zeros(7), group_size=4)
     with pytest.raises(ValueError, match="finite"):
         group_advantages(torch.tensor([[1.0, NAN]]))
 
@@ -305,8 +305,8 @@ def _run_bandit(discrete_only, steps=200, G=16, inner=4, seed=0):
             p = torch.where(valid[:, None], p, torch.full_like(p, NAN))  # no pose: garbage for the reward
             R_d = (arm == 0).float()  # (G,)
             R_c = -((p - P_STAR) ** 2).sum(-1)  # (G,) NaN where invalid
-            F_hat = group_advantages(R_d, G=G)  # (G,)
-            Delta_hat = group_advantages(R_c, valid, G=G)  # (G,)
+            F_hat = group_advantages(R_d, group_size=G)  # (G,) one pose an answer: the group is the G answers
+            Delta_hat = group_advantages(R_c, valid, group_size=G)  # (G,)
             p_lp = torch.where(valid[:, None], p, mu.expand_as(p))  # log-density at a harmless point
             old_logp = torch.log_softmax(logits, -1)[arm][:, None]  # (G, 1)
             old_pose_logp = gaussian_log_prob(p_lp, mu, log_std)  # (G,)

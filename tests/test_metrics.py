@@ -209,21 +209,22 @@ def test_paired_change_by_hand():
 
 
 def test_group_rank_correlation_matches_scipy_with_ties():
-    """Spearman's rho within each group of G, averaged over groups, against scipy.stats.spearmanr
-    (average ranks for ties). Catches ranking over the whole batch instead of per group, ties
-    ranked arbitrarily, and groups without variation counted as 0 instead of skipped."""
+    """Spearman's rho within each group of group_size candidates, averaged over groups, against
+    scipy.stats.spearmanr (average ranks for ties). Catches ranking over the whole batch instead of per
+    group, ties ranked arbitrarily, and groups without variation counted as 0 instead of skipped."""
     from scipy.stats import spearmanr
     g = torch.Generator().manual_seed(0)
-    G, P = 8, 6
-    a = torch.randint(0, 4, (P * G,), generator=g).float()  # many ties, like the checker's fractions
-    b = torch.randn(P * G, generator=g) + 0.5 * a
-    a[:G] = 1.0  # group 0: the checker cannot tell its candidates apart -> skipped
-    rho, groups = E.group_rank_correlation(a, b, G)
-    ref = [spearmanr(a[i * G:(i + 1) * G].numpy(), b[i * G:(i + 1) * G].numpy()).statistic for i in range(1, P)]
+    group_size, P = 8, 6
+    a = torch.randint(0, 4, (P * group_size,), generator=g).float()  # many ties, like the checker's fractions
+    b = torch.randn(P * group_size, generator=g) + 0.5 * a
+    a[:group_size] = 1.0  # group 0: the checker cannot tell its candidates apart -> skipped
+    rho, groups = E.group_rank_correlation(a, b, group_size)
+    rows_of = lambda i: slice(i * group_size, (i + 1) * group_size)  # noqa: E731  group i's rows
+    ref = [spearmanr(a[rows_of(i)].numpy(), b[rows_of(i)].numpy()).statistic for i in range(1, P)]
     assert groups == P - 1
     assert rho == pytest.approx(sum(ref) / len(ref), abs=1e-9)
-    assert E.group_rank_correlation(b, b, G)[0] == pytest.approx(1.0)
-    assert E.group_rank_correlation(b, -b, G)[0] == pytest.approx(-1.0)
+    assert E.group_rank_correlation(b, b, group_size)[0] == pytest.approx(1.0)
+    assert E.group_rank_correlation(b, -b, group_size)[0] == pytest.approx(-1.0)
 
 
 def test_recall_at_k_is_nan_when_k_covers_every_item():

@@ -583,7 +583,7 @@ def pose_prone_model(tokenizer):
 
 
 def test_sample_policy_agrees_with_policy_logprobs(world, tokenizer):
-    """G candidates per prompt: the sampling-time log-probs of tokens and poses equal the teacher-forced
+    """G answers per prompt, one pose each: the sampling-time log-probs of tokens and poses equal the teacher-forced
     ones at unchanged parameters (a wrong hidden-state column or a shifted logit would differ); V holds
     exactly the answers with a <POSE>; invalid candidates carry the mean and log-prob 0; pose log-probs
     equal scipy's density; the encoders ran once per image, not per candidate."""
@@ -646,23 +646,25 @@ def test_sample_policy_prefills_each_prompt_once(world, tokenizer):
 
 
 def test_pose_samples_draw_several_poses_per_answer(world, tokenizer):
-    """pose_samples = M: each of the G answers of a prompt gets M poses from its own Gaussian, G x M
-    candidates per prompt. The M copies share the answer, its log-probs and its Gaussian; their poses
-    differ; and scoring the rollout (which runs the decoder once per answer) equals scoring the same
-    candidates written out one by one with M = 1. Catches copies misaligned with their answer (a pose
-    scored under another answer's Gaussian) and a decoder pass that mixes rows."""
+    """pose_samples: each of the G answers of a prompt gets pose_samples poses from its own Gaussian,
+    group_size = G x pose_samples candidates per prompt. The copies share the answer, its log-probs and its
+    Gaussian; their poses differ; and scoring the rollout (which runs the decoder once per answer) equals
+    scoring the same candidates written out one by one with pose_samples = 1. Catches copies misaligned
+    with their answer (a pose scored under another answer's Gaussian) and a decoder pass that mixes rows."""
     config, model = pose_prone_model(tokenizer)
-    G, M = 3, 4
+    G, pose_samples = 3, 4
     batch = batch_of(world, tokenizer, config, [0, 2, 3], for_generation=True)
     rollout = sample_policy(model, batch, G=G, max_new_tokens=6, generator=torch.Generator().manual_seed(1),
-                            pose_samples=M)
-    N = 3 * G * M
-    assert rollout.G == G * M and rollout.pose_samples == M and rollout.pose.shape == (N, 144)
-    answers = rollout.tokens.view(3 * G, M, -1)  # (answers, M, Tn)
+                            pose_samples=pose_samples)
+    N = 3 * G * pose_samples
+    assert rollout.group_size == G * pose_samples and rollout.pose_samples == pose_samples
+    assert rollout.pose.shape == (N, 144)
+    answers = rollout.tokens.view(3 * G, pose_samples, -1)  # (answers, pose_samples, Tn)
     assert torch.equal(answers, answers[:, :1].expand_as(answers))  # copies share the text
-    assert torch.equal(rollout.mu.view(3 * G, M, 144), rollout.mu.view(3 * G, M, 144)[:, :1].expand(-1, M, -1))
-    v = rollout.valid.view(3 * G, M)[:, 0]  # (answers,)
-    assert v.any() and (rollout.pose.view(3 * G, M, 144)[v].std(1) > 0).all()  # the poses differ
+    mu = rollout.mu.view(3 * G, pose_samples, 144)  # (answers, pose_samples, 144)
+    assert torch.equal(mu, mu[:, :1].expand_as(mu))
+    v = rollout.valid.view(3 * G, pose_samples)[:, 0]  # (answers,)
+    assert v.any() and (rollout.pose.view(3 * G, pose_samples, 144)[v].std(1) > 0).all()  # the poses differ
     scores = policy_logprobs(model, rollout)
     assert torch.allclose(scores.logprobs, rollout.logprobs, atol=1e-4)
     assert torch.allclose(scores.pose_logprobs, rollout.pose_logprobs, atol=1e-4, rtol=1e-5)
@@ -690,7 +692,7 @@ def test_identical_answers_are_scored_once(world, tokenizer):
     m = rollout.mask
     assert torch.allclose(scores.logprobs[m], rollout.logprobs[m], atol=1e-4)
     assert torch.allclose(scores.pose_logprobs, rollout.pose_logprobs, atol=1e-4, rtol=1e-5)
-    # the gradient of a sum over candidates: shared scoring vs each answer alone (G = 1 rollouts of one row)
+    # the gradient of a sum over candidates: shared scoring vs each answer alone (rollouts of one row)
     weights = torch.randn(rollout.tokens.shape[0], generator=torch.Generator().manual_seed(0))  # (N,)
     params = [p for p in model.parameters() if p.requires_grad]
     shared = torch.autograd.grad((scores.pose_logprobs * weights).sum() + (scores.logprobs.sum(-1) * weights).sum(),
@@ -698,10 +700,11 @@ def test_identical_answers_are_scored_once(world, tokenizer):
     per_row = [torch.zeros_like(p) for p in params]
     images = torch.cumsum((batch["input_ids"] == config.llava.image_token_index).any(-1).long(), 0) - 1  # (B,)
     for i in range(rollout.tokens.shape[0]):
-        b = i // rollout.G
+        b = i // rollout.group_size
         has_image = bool((rollout.prompt_ids[i] == config.llava.image_token_index).any())
         one = dataclasses.replace(
-            rollout, G=1, pose_samples=1, prompt_ids=rollout.prompt_ids[i:i + 1], prompt_mask=rollout.prompt_mask[i:i + 1],
+            rollout, group_size=1, pose_samples=1, prompt_ids=rollout.prompt_ids[i:i + 1],
+            prompt_mask=rollout.prompt_mask[i:i + 1],
             tokens=rollout.tokens[i:i + 1], mask=rollout.mask[i:i + 1], logprobs=rollout.logprobs[i:i + 1],
             pose=rollout.pose[i:i + 1], pose_logprobs=rollout.pose_logprobs[i:i + 1], mu=rollout.mu[i:i + 1],
             log_std=rollout.log_std[i:i + 1], valid=rollout.valid[i:i + 1],

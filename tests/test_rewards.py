@@ -342,7 +342,7 @@ def test_text_reward_mean_pool_embedder(tok):
 
 
 def test_text_similarity_embeds_each_text_once(tok):
-    """A VQA prompt's G x M candidates repeat a few answers and one reference: each distinct text is
+    """A VQA prompt's G x pose_samples candidates repeat a few answers and one reference: each distinct text is
     embedded once, and every pair still gets the cosine of its own two texts (rows not mixed up)."""
     seen = []
 

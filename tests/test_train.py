@@ -466,9 +466,9 @@ def test_pose_encoder_pretraining_learns_and_changes_only_f_b():
 
 
 def _pathwise_setup(G, seed=0):
-    """Candidates for train_rft.gradient_at_mean: two image-to-pose groups of G (the first group's first
-    candidate without a pose; other ground truths, so other reward spreads) and a text-to-pose group, their
-    Gaussians' means random rot6d poses, their rewards those of samples."""
+    """Candidates for train_rft.gradient_at_mean: two image-to-pose groups of G answers, one pose each (the
+    first group's first candidate without a pose; other ground truths, so other reward spreads) and a
+    text-to-pose group, their Gaussians' means random rot6d poses, their rewards those of samples."""
     import model as M
     import rewards
     import smpl
@@ -536,7 +536,7 @@ def test_gradient_at_mean_finite_differences():
     cands2 = cands.select(torch.arange(len(cands.task)).repeat_interleave(2))
     R_c2 = R_c.repeat_interleave(2)
     J2, _ = train_rft.gradient_at_mean(SimpleNamespace(mu=mu2, log_std=log_std), cands2, R_c2,
-                                       valid.repeat_interleave(2), 2 * G, {"joint": 2.0}, None,
+                                       valid.repeat_interleave(2), 2 * G, {"joint": 2.0}, None,  # group_size 2G
                                        rewards.RewardContext(), 2 * V, pose_samples=2)
     J2.backward()
     assert mu2.grad[1::2].abs().max() == 0
@@ -718,7 +718,7 @@ def test_gradient_at_mean_goes_through_the_registry():
     idx = torch.arange(1, 2 * G)
     r = rewards.joint_reward(smpl.pose_joints(mu_old[idx]), cands.gt_joints[idx])
     R = R_c.detach().index_add(0, idx, 3.0 * (r - r.detach()))
-    (train_rft.hygrpo.group_advantages(R, valid=valid, G=G, hold_stats=True)[valid].sum() / V).backward()
+    (train_rft.hygrpo.group_advantages(R, valid=valid, group_size=G, hold_stats=True)[valid].sum() / V).backward()
     assert torch.equal(mu.grad, mu_old.grad)
 
     @rewards.register_reward("test_height", kind="continuous", tasks=("t2p",), differentiable=True)
