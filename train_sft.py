@@ -99,6 +99,9 @@ class SFTConfig:
     joint_weight: float = 20.0       # mean per-joint position error through SMPL, metres
     posecode_weight: float = 5.0     # auxiliary posecode_loss: teaches h at <POSE> which side (docs/experiments.md)
     deterministic_head: bool = False  # Table 3 "Baseline": mean-only pose head
+    # then the pose head alone on the frozen policy's h at <POSE> (refit_pose_head); 0 = none
+    head_steps: int = 3000           # the head fit h before h carried the codes; refit, it reads them (docs/experiments.md)
+    head_lr: float = 5e-4            # constant: SFT's lr has decayed by the time h carries the codes
     tiny_sizes: str = ""             # tiny model sizes, e.g. "llm_hidden=192,llm_layers=6" (model._tiny_config)
     # the tokenizer (tiny) and the two retrievers
     vocab_size: int = 1024           # the tiny BPE's cap: shorter samples in tokens than at 768 (docs/experiments.md)
@@ -145,6 +148,8 @@ RECIPES = {"llava-1.5-7b": {
     "joint_weight": (20.0, "choice: not stated; a metric target for the mean (as tiny)"),
     "deterministic_head": (False, "paper: Eq. 2, the Gaussian head"),
     "posecode_weight": (0.0, "paper: no auxiliary loss"),
+    "head_steps": (0, "paper: one SFT stage"),
+    "head_lr": (5e-4, "choice: unused at head_steps=0"),
     "task_mix": ("", "choice: the real sets as they come (PoseWorld only)"),
     "retriever_steps": (5000, "choice: not stated; PoseScript's retrieval model is trained by its authors"),
     "retriever_batch": (256, "choice: not stated"),
@@ -329,6 +334,16 @@ def posecode_loss(head, h, codes, mentioned):
     return F.cross_entropy(logits[mentioned].float(), codes[mentioned])
 
 
+def pose_losses(mu, log_std, p_gt, body_model, cfg, log_std_init):
+    """SFT's two pose terms for the head's Gaussian (mu, log_std (n, 144)) and the GT pose p_gt (n, 144)
+    rot6d: Eq. 2's negative log-likelihood, and the mean per-joint error (metres) through SMPL.
+    Returns (nll, joint), each ()."""
+    nll = pose_nll(p_gt, mu, log_std, cfg.nll_beta, log_std_init)  # Eq. 2's likelihood
+    J_pred = smpl.pose_joints(mu, body_model)  # (n, 24, 3)
+    J_gt = smpl.pose_joints(p_gt, body_model)  # (n, 24, 3) the GT joints of the same body model
+    return nll, (J_pred - J_gt).norm(dim=-1).mean()
+
+
 def make_posecode_head(policy, cfg):
     """posecode_loss's classifier (d -> K x categories), drawn from its own RNG so the policy's weights and
     the rest of the run's random numbers are those of a run without it; None when its weight is 0."""
@@ -356,10 +371,7 @@ def sft_loss(policy, body_model, batch, cfg, posecode_head=None):
     if rows.any():
         p_gt = M.pose_to_rot6d(batch["pose"][rows])  # (n, 144) the GT pose as the head's rot6d numbers
         mu, log_std = out.pose.mu[rows], out.pose.log_std[rows]  # (n, 144) each
-        nll = pose_nll(p_gt, mu, log_std, cfg.nll_beta, policy.pose_head.log_std_init)  # Eq. 2's likelihood
-        J_pred = smpl.pose_joints(mu, body_model)  # (n, 24, 3)
-        J_gt = smpl.pose_joints(p_gt, body_model)  # (n, 24, 3) the GT joints of the same body model
-        joint = (J_pred - J_gt).norm(dim=-1).mean()  # mean per-joint error, metres
+        nll, joint = pose_losses(mu, log_std, p_gt, body_model, cfg, policy.pose_head.log_std_init)
     else:
         nll, joint = zero, zero
     loss = cfg.ce_weight * ce + cfg.nll_weight * nll + cfg.joint_weight * joint
@@ -378,6 +390,66 @@ def sft_loss(policy, body_model, batch, cfg, posecode_head=None):
         loss = loss + cfg.posecode_weight * aux
         parts["posecode"] = aux.item()
     return loss, parts
+
+
+@torch.no_grad()
+def pose_head_inputs(policy, dataset, tokenizer, device, batch_size=64, master=True):
+    """What the pose head reads and is trained towards, for every pose-task sample of `dataset`: h at
+    <POSE> (n, d), the policy's last hidden state there with the answer teacher-forced (as sft_loss reads
+    it), and the GT pose (n, 144) as rot6d. The policy is not changed."""
+    collate = data.collate_fn(tokenizer, policy)
+    was_training = policy.training
+    policy.eval()
+    hs, poses = [], []
+    for start in tqdm(range(0, len(dataset), batch_size), desc="h at <POSE>", disable=not master,
+                      dynamic_ncols=True, leave=False):
+        samples = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+        samples = [s for s in samples if s["has_pose"]]
+        if not samples:
+            continue
+        batch = data.to_device(collate(samples), device)
+        answer = batch["labels"] != data.IGNORE_INDEX  # (B, T)
+        out = policy(batch["input_ids"], batch["attention_mask"], batch.get("clip_pixels"),
+                     batch.get("pose_pixels"), answer_mask=answer, logits_at=torch.zeros_like(answer))
+        rows = out.found.nonzero().flatten()  # (n,) answers that hold <POSE>
+        hs.append(out.hidden_states[rows, out.pose_position[rows]].float())  # (n, d)
+        poses.append(M.pose_to_rot6d(batch["pose"][rows]))  # (n, 144)
+    policy.train(was_training)
+    if not hs:
+        raise SystemExit("--head_steps: the training data hold no pose answers to refit the pose head on")
+    return torch.cat(hs), torch.cat(poses)
+
+
+def refit_pose_head(policy, body_model, dataset, tokenizer, cfg, device, master=True):
+    """Tiny preset, after SFT's max_steps (not in the paper; README, 'Departures'): train the pose head
+    alone for cfg.head_steps steps at the constant cfg.head_lr, on the frozen policy's h at <POSE> for the
+    training set's pose answers, with SFT's pose losses (pose_losses). Why: the head learns its map from h
+    early, while h does not yet carry every code of the caption (the posecode loss teaches h the sides
+    late, when the lr has decayed); refit on the final h, it reads them. The LLM and the encoders are
+    untouched; every rank computes the same head (the same data and seed)."""
+    h, p_gt = pose_head_inputs(policy, dataset, tokenizer, device, master=master)  # (n, d), (n, 144)
+    head = policy.pose_head
+    opt = torch.optim.AdamW(head.parameters(), lr=cfg.head_lr, betas=(cfg.beta1, cfg.beta2),
+                            weight_decay=cfg.weight_decay)
+    generator = torch.Generator(device=h.device).manual_seed(cfg.seed + 11)
+    metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
+    head.train()
+    for k in tqdm(range(cfg.head_steps), desc=f"pose head on {len(h)} h", disable=not master,
+                  dynamic_ncols=True):
+        idx = torch.randint(len(h), (cfg.batch_size,), generator=generator, device=h.device)  # (b,)
+        pose = head(h[idx])
+        nll, joint = pose_losses(pose.mu, pose.log_std, p_gt[idx], body_model, cfg, head.log_std_init)
+        loss = cfg.nll_weight * nll + cfg.joint_weight * joint
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        check_finite_update(loss.item(), 0.0, cfg, cfg.max_steps + k)
+        opt.step()
+        if master and ((k + 1) % cfg.log_every == 0 or k + 1 == cfg.head_steps):
+            # the step count goes on after SFT's, so --resume's trim_metrics drops a torn refit's rows
+            append_jsonl(metrics_path, {"step": cfg.max_steps + k + 1, "head_step": k + 1, "loss": loss.item(),
+                                        "nll": nll.item(), "joint_m": joint.item()})
+    print0(f"pose head refit for {cfg.head_steps} steps on the frozen policy's h at <POSE> ({len(h)} pose "
+           f"answers): joint error {1000 * joint.item():.0f} mm (last step)")
 
 
 def accumulate_sft_gradients(policy, body_model, batches, cfg, autocast=contextlib.nullcontext(), posecode_head=None):
@@ -474,7 +546,7 @@ def main(argv=None, cfg=None):
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}],
                             lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True)
-    step = 0
+    step, head_done = 0, False
     if cfg.resume:
         state = load_train_state(cfg.out_dir)
         M.check_same_preset(json.load(open(os.path.join(cfg.out_dir, M.CHECKPOINT_DIR, "config.json")))
@@ -487,6 +559,7 @@ def main(argv=None, cfg=None):
         load_optimizer_state(opt, state["optimizer"])
         restore_rng_states(state, rank, world_size)
         step = state["step"]
+        head_done = state.get("head_done", False)
         if master:
             trim_metrics(os.path.join(cfg.out_dir, "metrics.jsonl"), step)
         print0(f"resumed at step {step}")
@@ -522,8 +595,14 @@ def main(argv=None, cfg=None):
         if step % cfg.save_every == 0 or step == last:
             rng = rng_states(world_size)  # every rank takes part; rank 0 saves
             if master:
-                save(policy, tokenizer, opt, step, cfg, rng, sources, posecode_head)
+                save(policy, tokenizer, opt, step, cfg, rng, sources, posecode_head, head_done)
     bar.close()
+    if step >= cfg.max_steps and cfg.head_steps and not head_done:
+        refit_pose_head(policy, body_model, train_set, tokenizer, cfg, device, master)
+        head_done = True
+        rng = rng_states(world_size)
+        if master:
+            save(policy, tokenizer, opt, step, cfg, rng, sources, posecode_head, head_done)
     if world_size > 1:
         dist.barrier()
     if step < cfg.max_steps:
@@ -533,15 +612,17 @@ def main(argv=None, cfg=None):
     return policy, tokenizer
 
 
-def save(policy, tokenizer, opt, step, cfg, rng=None, sources=None, posecode_head=None):
-    """out_dir/checkpoint: the policy and what --resume needs (optimiser, every rank's RNG, step), in one
-    atomic swap; `finished` records whether the run reached max_steps (train_rft.py checks it)."""
+def save(policy, tokenizer, opt, step, cfg, rng=None, sources=None, posecode_head=None, head_done=False):
+    """out_dir/checkpoint: the policy and what --resume needs (optimiser, every rank's RNG, step, whether
+    the pose head was refit), in one atomic swap; `finished` records whether the run reached max_steps and
+    its pose-head refit (train_rft.py checks it)."""
     rng = rng or rng_states(1)
+    finished = step >= cfg.max_steps and (head_done or not cfg.head_steps)
     M.save_checkpoint(policy, tokenizer, os.path.join(cfg.out_dir, M.CHECKPOINT_DIR),
-                      extra={"stage": "sft", "step": step, "finished": step >= cfg.max_steps,
+                      extra={"stage": "sft", "step": step, "finished": finished,
                              "config": dataclasses.asdict(cfg), "sources": sources or {}},
                       train_state={"optimizer": opt.state_dict(), "torch_rng": rng[0]["torch_rng"],
-                                   "rng_per_rank": rng, "step": step,
+                                   "rng_per_rank": rng, "step": step, "head_done": head_done,
                                    **({"posecode_head": posecode_head.state_dict()} if posecode_head else {})})
 
 
