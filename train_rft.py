@@ -380,6 +380,22 @@ def reduce_metrics(metrics, world_size, device):
 # Setup
 
 
+def check_sft_overrides(cfg, saved):
+    """--sft_overrides only shapes an SFT run this command trains: refuse ones that differ from the saved
+    config of the SFT run already in --sft_dir (they would be silently ignored)."""
+    if not cfg.sft_overrides or not saved:
+        return
+    fields = {f.name for f in dataclasses.fields(train_sft.SFTConfig)}
+    wanted = train_sft.SFTConfig(**{k: v for k, v in saved.items() if k in fields})
+    for item in filter(None, cfg.sft_overrides.split(";")):
+        apply_overrides(wanted, ["--" + item.strip()])
+    differ = [f"{k}={getattr(wanted, k)!r} (saved: {saved[k]!r})" for k in sorted(fields)
+              if k in saved and getattr(wanted, k) != saved[k]]
+    if differ:
+        raise SystemExit(f"--sft_overrides={cfg.sft_overrides!r} would change the SFT run already in "
+                         f"{cfg.sft_dir}: {', '.join(differ)}. Give the new SFT model its own --sft_dir")
+
+
 def ensure_sft(cfg):
     """The main job on a fresh clone: no SFT checkpoint yet -> train the tiny one (train_sft.py). An SFT
     run that stopped before its max_steps (killed, or --stop_after) is not pi_init: the tiny main job
@@ -393,6 +409,7 @@ def ensure_sft(cfg):
         except (ValueError, AttributeError) as e:
             raise SystemExit(f"{config_path}: not a checkpoint config ({type(e).__name__}: {e})") from None
         M.check_same_preset(extra.get("config"), cfg, f"the SFT checkpoint in {cfg.sft_dir}")
+        check_sft_overrides(cfg, extra.get("config") or {})
         if run_finished(extra) or cfg.allow_unfinished_sft:
             return
         saved = extra.get("config") or {}

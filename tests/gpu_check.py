@@ -7,7 +7,7 @@ summary line, then a compact table (also written to $OUT/gpu_check.md when $OUT 
         ViT-H at full depth, the LLM cut to a few layers) in bfloat16 with activation checkpointing and
         LoRA: a few SFT steps (train_sft.sft_loss) and HyGRPO steps (train_rft.hygrpo_step, the paper's
         settings), at two LLM depths; step time and peak memory extrapolated to 32 layers, beside the
-        README's estimate for the 7B;
+        estimate for the 7B in docs/experiments.md;
   ddp   `torchrun --standalone --nproc_per_node=1 train_rft.py --max_steps=2` on the GPU, and one NCCL
         all_reduce (torchrun with one process makes no process group: model.setup_distributed starts
         one, NCCL on GPU, only for 2 or more processes).
@@ -19,7 +19,7 @@ On a machine without CUDA it says so and exits 0. `python tests/gpu_check.py --d
 the CPU with tiny widths for 1 step, to check the script itself (a minute with OMP_NUM_THREADS=1).
 
 Random weights: the sampled answers are 24 random tokens that seldom hold <POSE>, so every answer differs
-(the README's "U = 128" rows) and the pose terms are mostly empty; the timings are the shapes', not a real
+(docs/experiments.md's "U = 128" rows) and the pose terms are mostly empty; the timings are the shapes', not a real
 run's. The prompts come from PoseWorld tokenised by its own small BPE (llava-hf's tokenizer cannot be
 downloaded here), so the text is shorter than Llama's tokenizer would make it; the 768 image tokens of an
 image prompt are the same.
@@ -60,7 +60,7 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=3, help="7b: SFT and RFT steps per depth; the first is warm-up")
     p.add_argument("--llm_layers", default="2,4", help="7b: the two LLM depths the 32-layer figures come from")
     p.add_argument("--sft_batch", type=int, default=10, help="7b: SFT samples a step (the 7B command's per GPU)")
-    p.add_argument("--rft_batch", type=int, default=16, help="7b: RFT prompts a step (the README's one-GPU estimate)")
+    p.add_argument("--rft_batch", type=int, default=16, help="7b: RFT prompts a step (the one-GPU estimate in docs/experiments.md)")
     p.add_argument("--tiny_sft_steps", type=int, default=600, help="tiny: SFT max_steps (the main job's: 2400)")
     p.add_argument("--tiny_rft_steps", type=int, default=100, help="tiny: RFT max_steps (the main job's: 300)")
     p.add_argument("--tiny_timeout", type=int, default=240, help="tiny: seconds before the run is stopped")
@@ -310,9 +310,10 @@ def extrapolate(a, b, key, layers=32):
 
 
 def readme_estimate_rows():
-    """The README's rows of its llava-1.5-7b RFT estimate (weights, peak, compute a step), as written."""
+    """The rows of the llava-1.5-7b RFT estimate (weights, peak, compute a step) as docs/experiments.md
+    writes them (the README quotes its summary)."""
     want = ("| weights, trained tensors", "| update, U = 128", "| peak", "| compute a step")
-    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+    with open(os.path.join(ROOT, "docs", "experiments.md"), encoding="utf-8") as f:
         return [line.rstrip() for line in f if line.startswith(want)]
 
 
@@ -342,13 +343,13 @@ def part_7b(args, device, small=False):
           f"x {fig['G']} answers) {at32['rft_s']:.2f} s a step (sample {at32['t_sample']:.2f}, score "
           f"{at32['t_score']:.2f}, update {at32['t_update']:.2f}), peak {at32['rft_peak_gib']:.1f} GiB, "
           f"resident {at32['resident_gib']:.1f} GiB")
-    print("  the README's estimate for the 7B (one 80 GB GPU, 16 prompts | eight GPUs, 2 prompts each):")
-    for row in readme_estimate_rows() or ["  (not found in README.md)"]:
+    print("  docs/experiments.md's estimate for the 7B (one 80 GB GPU, 16 prompts | eight GPUs, 2 prompts each):")
+    for row in readme_estimate_rows() or ["  (not found in docs/experiments.md)"]:
         print("    " + row)
     line = (f"7b: OK in {time.time() - t0:.0f} s (LLM {depths[0]} and {depths[1]} layers, {args.steps} steps each"
             f"{', CPU dry run' if small else ''}): at 32 layers SFT {at32['sft_s']:.2f} s / "
             f"{at32['sft_peak_gib']:.1f} GiB, RFT {at32['rft_s']:.2f} s / {at32['rft_peak_gib']:.1f} GiB "
-            f"(the README's estimate is printed above)")
+            f"(docs/experiments.md's estimate is printed above)")
     return {"ok": all(math.isfinite(v) for v in (at32["sft_s"], at32["rft_s"])), "seconds": time.time() - t0,
             "line": line}
 

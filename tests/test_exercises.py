@@ -22,7 +22,7 @@ SMALL = ["--poseworld_size=120", "--G=2", "--batch_size=4", "--max_new_tokens=12
 def sft_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("sft")
     # enough steps at a high rate that the answers follow the template, so there are poses to reward
-    cfg = train_sft.SFTConfig(out_dir=str(out), max_steps=60, batch_size=8, lr=3e-3, poseworld_size=120,
+    cfg = train_sft.SFTConfig(out_dir=str(out), head_steps=20, max_steps=60, batch_size=8, lr=3e-3, poseworld_size=120,
                               retriever_pairs=120, retriever_steps=2, retriever_batch=32, vocab_size=400,
                               pretrain_steps=3, pretrain_images=64, pretrain_batch=8,
                               save_every=60, warmup_steps=2, num_threads=1)
@@ -137,7 +137,7 @@ def test_exercise_beta_nll_sft_runs(tmp_path):
     """Exercise 9: the main job with its SFT trained by beta-NLL (--sft_overrides=nll_beta=1); the SFT
     checkpoint records the setting, and RFT runs from it."""
     sft = tmp_path / "sft"
-    overrides = "nll_beta=1;max_steps=4;batch_size=4;retriever_pairs=120;retriever_steps=2;retriever_batch=32;vocab_size=400;pretrain_steps=3;pretrain_images=64;pretrain_batch=8"
+    overrides = "nll_beta=1;max_steps=4;head_steps=20;batch_size=4;retriever_pairs=120;retriever_steps=2;retriever_batch=32;vocab_size=400;pretrain_steps=3;pretrain_images=64;pretrain_batch=8"
     rows = run_exercise(str(sft), tmp_path, f"--sft_overrides={overrides}")
     saved = json.load(open(sft / "checkpoint" / "config.json"))["extra"]["config"]
     assert saved["nll_beta"] == 1.0 and saved["max_steps"] == 4

@@ -15,7 +15,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import data
 import hygrpo
+import model as M
+import smpl
 import train_rft
 import train_sft
 
@@ -36,7 +39,7 @@ def _env():
 def sft_dir(tmp_path_factory):
     """A tiny SFT run of a few steps (tokenizer, both retrievers, policy): pi_init for the RFT tests."""
     out = tmp_path_factory.mktemp("sft")
-    cfg = train_sft.SFTConfig(out_dir=str(out), max_steps=6, batch_size=4, poseworld_size=120, retriever_pairs=120,
+    cfg = train_sft.SFTConfig(out_dir=str(out), head_steps=20, max_steps=6, batch_size=4, poseworld_size=120, retriever_pairs=120,
                               retriever_steps=4, retriever_batch=32, vocab_size=400, save_every=3,
                               pretrain_steps=3, pretrain_images=64, pretrain_batch=8, warmup_steps=2,
                               num_threads=1)
@@ -79,7 +82,7 @@ def test_sft_resume_equals_uninterrupted_run(tmp_path, micro_batch):
     """The same for stage 1: optimiser, RNG, data position and schedule survive a stop, also when each step
     accumulates micro-batches (the data position is then steps x passes)."""
     def cfg(out, **kw):
-        return train_sft.SFTConfig(out_dir=str(out), max_steps=4, batch_size=4, micro_batch=micro_batch,
+        return train_sft.SFTConfig(out_dir=str(out), head_steps=20, max_steps=4, batch_size=4, micro_batch=micro_batch,
                                    poseworld_size=120,
                                    retriever_pairs=120, retriever_steps=2, retriever_batch=32, vocab_size=400,
                                    pretrain_steps=3, pretrain_images=64, pretrain_batch=8,
@@ -89,6 +92,63 @@ def test_sft_resume_equals_uninterrupted_run(tmp_path, micro_batch):
     train_sft.main(cfg=cfg(tmp_path / "b", resume=True))
     ta, tb = _trained_tensors(tmp_path / "a"), _trained_tensors(tmp_path / "b")
     assert all(torch.equal(ta[n], tb[n]) for n in ta)
+
+
+def test_pose_head_refit_trains_the_head_alone_and_resumes(tmp_path, monkeypatch):
+    """The refit after SFT (train_sft.refit_pose_head) moves the pose head and nothing else, lowers the
+    pose loss on the h it was fit to, and a run killed during it is not `finished` and redoes it on
+    --resume, ending with an uninterrupted run's weights. Catches a refit that trains the LLM too, a
+    checkpoint that reads finished before its refit, or a resume that skips or repeats it."""
+    def cfg(out, **kw):
+        return train_sft.SFTConfig(**{**dict(out_dir=str(out), max_steps=4, batch_size=4, poseworld_size=120,
+                                             retriever_pairs=120, retriever_steps=2, retriever_batch=32,
+                                             vocab_size=400, pretrain_steps=3, pretrain_images=64, pretrain_batch=8,
+                                             save_every=2, warmup_steps=2, num_threads=1, head_steps=30,
+                                             head_lr=3e-3, log_every=10), **kw})
+    train_sft.main(cfg=cfg(tmp_path / "none", head_steps=0))
+    train_sft.main(cfg=cfg(tmp_path / "a"))
+    before, after = _trained_tensors(tmp_path / "none"), _trained_tensors(tmp_path / "a")
+    moved = {n for n in after if not torch.equal(after[n], before[n])}
+    assert moved and all(n.startswith("pose_head.") for n in moved), sorted(moved)[:5]
+
+    def pose_loss(run):  # SFT's pose loss of the run's head on every training pose answer's h
+        policy, tokenizer, _ = M.load_checkpoint(str(run))
+        c = cfg(run)
+        h, p_gt = train_sft.pose_head_inputs(policy, data.build_datasets(c, "train", mix=data.parse_task_mix(c.task_mix)),
+                                             tokenizer, torch.device("cpu"))
+        with torch.no_grad():
+            pose = policy.pose_head(h)
+            nll, joint = train_sft.pose_losses(pose.mu, pose.log_std, p_gt, smpl.SMPL(), c, policy.pose_head.log_std_init)
+        return c.nll_weight * nll + c.joint_weight * joint
+    assert pose_loss(tmp_path / "a") < pose_loss(tmp_path / "none")
+
+    refit = train_sft.refit_pose_head
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train_sft, "refit_pose_head", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train_sft.main(cfg=cfg(tmp_path / "b"))
+    extra = json.load(open(tmp_path / "b" / "checkpoint" / "config.json"))["extra"]
+    assert extra["step"] == 4 and not extra["finished"]
+    monkeypatch.setattr(train_sft, "refit_pose_head", refit)
+    train_sft.main(cfg=cfg(tmp_path / "b", resume=True))
+    assert json.load(open(tmp_path / "b" / "checkpoint" / "config.json"))["extra"]["finished"]
+    tb = _trained_tensors(tmp_path / "b")
+    assert all(torch.equal(after[n], tb[n]) for n in after)
+    rows = [json.loads(line) for line in open(tmp_path / "b" / "metrics.jsonl")]
+    assert [r["head_step"] for r in rows if "head_step" in r] == [10, 20, 30]
+    train_sft.main(cfg=cfg(tmp_path / "b", resume=True))  # finished: nothing is refit again
+    assert all(torch.equal(tb[n], t) for n, t in _trained_tensors(tmp_path / "b").items())
+
+
+def test_sft_overrides_that_would_be_ignored_are_refused(sft_dir):
+    """--sft_overrides shapes only an SFT run the command trains: with a finished run already in --sft_dir,
+    overrides equal to its saved config pass and different ones are refused, naming the setting (they
+    used to be ignored without a word)."""
+    saved = json.load(open(os.path.join(sft_dir, "checkpoint", "config.json")))["extra"]["config"]
+    train_rft.check_sft_overrides(train_rft.RFTConfig(sft_dir=sft_dir, sft_overrides="max_steps=6"), saved)
+    with pytest.raises(SystemExit, match="max_steps=300"):
+        train_rft.check_sft_overrides(train_rft.RFTConfig(sft_dir=sft_dir, sft_overrides="max_steps=300"), saved)
 
 
 def test_torchrun_two_ranks_stay_identical(sft_dir, tmp_path):
@@ -147,7 +207,7 @@ def test_main_job_end_to_end(tmp_path):
     """`python train_rft.py` on a fresh folder, with reduced step counts: trains the SFT model (there is
     none), evaluates before, runs RFT, evaluates after, prints the table and writes every artefact; then
     `python eval.py --ckpt=...` evaluates the result."""
-    sft = ("max_steps=8;batch_size=4;poseworld_size=150;retriever_pairs=150;retriever_steps=3;retriever_batch=32;"
+    sft = ("max_steps=8;head_steps=20;batch_size=4;poseworld_size=150;retriever_pairs=150;retriever_steps=3;retriever_batch=32;"
            "vocab_size=400;pretrain_steps=3;pretrain_images=64;pretrain_batch=8")
     cmd = [sys.executable, os.path.join(ROOT, "train_rft.py"), f"--sft_overrides={sft}", "--poseworld_size=150",
            "--max_steps=3", "--G=2", "--batch_size=2", "--max_new_tokens=12", "--eval_size=90",
@@ -231,7 +291,7 @@ def test_nonfinite_step_stops_and_keeps_last_good_checkpoint(sft_dir, tmp_path, 
     assert json.load(open(os.path.join(out, "checkpoint", "config.json")))["extra"]["step"] == 2
 
     sft = tmp_path / "sft"
-    cfg = dict(out_dir=str(sft), max_steps=4, batch_size=4, poseworld_size=120, retriever_pairs=120,
+    cfg = dict(out_dir=str(sft), head_steps=20, max_steps=4, batch_size=4, poseworld_size=120, retriever_pairs=120,
                retriever_steps=2, retriever_batch=32, vocab_size=400, save_every=2, warmup_steps=2, num_threads=1,
                pretrain_steps=3, pretrain_images=64, pretrain_batch=8)
     train_sft.main(cfg=train_sft.SFTConfig(**cfg, stop_after=2))
@@ -345,7 +405,7 @@ def test_unfinished_sft_is_resumed_or_refused(tmp_path):
     retriever folder left half-written is retrained, not skipped. Catches RFT starting from a half-trained
     pi_init without a word, and a half retriever folder taken for a whole one."""
     sft = tmp_path / "sft"
-    cfg = dict(out_dir=str(sft), max_steps=4, batch_size=4, poseworld_size=120, retriever_pairs=120,
+    cfg = dict(out_dir=str(sft), head_steps=20, max_steps=4, batch_size=4, poseworld_size=120, retriever_pairs=120,
                retriever_steps=2, retriever_batch=32, vocab_size=400, save_every=2, warmup_steps=2, num_threads=1,
                pretrain_steps=3, pretrain_images=64, pretrain_batch=8)
     train_sft.main(cfg=train_sft.SFTConfig(**cfg, stop_after=2))
@@ -369,7 +429,9 @@ def test_unfinished_sft_is_resumed_or_refused(tmp_path):
     extra = json.load(open(sft / "checkpoint" / "config.json"))["extra"]
     assert extra["finished"] is True and extra["step"] == 4
     assert (sft / "retriever_eval" / "config.json").exists()
-    assert [json.loads(line)["step"] for line in open(sft / "metrics.jsonl")] == [1, 2, 3, 4]
+    rows = [json.loads(line) for line in open(sft / "metrics.jsonl")]
+    assert [r["step"] for r in rows if "head_step" not in r] == [1, 2, 3, 4]
+    assert [r["head_step"] for r in rows if "head_step" in r] == [20]  # then the pose-head refit, once
 
 
 def test_torchrun_two_ranks_resume_equals_uninterrupted_run(sft_dir, tmp_path):
