@@ -13,7 +13,9 @@ In order, this script
    loss: the Gaussian negative log-likelihood of the ground-truth pose under N(mu, Sigma) (Eq. 2) and a
    joint-position loss through SMPL, and (tiny preset, not in the paper) an auxiliary posecode loss on h
    at <POSE> (posecode_loss). `--deterministic_head=True` trains the mean only (the "Baseline" row of
-   Table 3) with the same losses (the NLL then has a fixed std, i.e. it is a scaled MSE).
+   Table 3) with the same losses (the NLL then has a fixed std, i.e. it is a scaled MSE);
+5. (tiny preset, not in the paper) refits the pose head alone on the frozen policy's h at <POSE>
+   (refit_pose_head; --head_steps=0 leaves it out).
 
 Launch:
     python train_sft.py                                   # tiny preset on PoseWorld, CPU, a few minutes
