@@ -2923,11 +2923,36 @@ def check_config(cfg):
     return cfg
 
 
+def config_help(cfg) -> str:
+    """What `--help` prints: each setting as `--key=default`, with the comment beside it in the config
+    class's source (the one line of why), in the class's order."""
+    import inspect
+    try:
+        source = inspect.getsource(type(cfg))
+    except (OSError, TypeError):  # no source file (e.g. a frozen build): names and defaults alone
+        source = ""
+    comments = {}
+    for line in source.splitlines():
+        m = re.match(r"^\s+(\w+)\s*:[^=]+=.*?\s#\s?(.*)$", line)
+        if m:
+            comments[m.group(1)] = m.group(2).strip()
+    flags = [f"--{f.name}={getattr(cfg, f.name)}" for f in fields(cfg)]
+    width = min(40, max(len(x) for x in flags))
+    lines = [f"{type(cfg).__name__}: every setting, `--key=value`; the defaults are the tiny preset's "
+             f"(--preset=llava-1.5-7b replaces them with the script's RECIPES)"]
+    lines += [f"  {flag:<{width}}  {comments.get(f.name, '')}".rstrip() for flag, f in zip(flags, fields(cfg))]
+    return "\n".join(lines)
+
+
 def parse_overrides(cfg, argv) -> dict:
-    """nanoGPT-style `--key=value` flags -> {key: value}, each typed by the config field's default."""
+    """nanoGPT-style `--key=value` flags -> {key: value}, each typed by the config field's default.
+    `--help` (or -h) prints config_help and exits."""
     kinds = {f.name: type(getattr(cfg, f.name)) for f in fields(cfg)}
     flags = {}
     for arg in argv:
+        if arg in ("--help", "-h"):
+            print(config_help(cfg))
+            raise SystemExit(0)
         if not arg.startswith("--") or "=" not in arg:
             raise SystemExit(f"bad argument {arg!r}: use --key=value (keys: {', '.join(kinds)})")
         key, value = arg[2:].split("=", 1)
