@@ -19,8 +19,8 @@ schedule, what trains, the task mix, ...) is a row of the departures table (mode
    per prompt (Eq. 6 when every prompt has the same V). Under accumulation and data parallelism both
    are global counts (N_norm, V_norm), so no rank or micro-batch weighs its few poses more. V = 0: 0.
 6. KL: Eq. 6's one D_KL, split by the chain rule into a token part (k3 per token, averaged like J_d, so
-   not the exact sequence KL) and a pose part over V: k3 at the sampled pose (GRPO's; the default here
-   and the 7B preset's) or, through `pose_kl=`, the closed-form gaussian_kl (tiny: --pose_kl=exact).
+   not the exact sequence KL) and a pose part over V: k3 at the sampled pose (GRPO's; hygrpo_loss's
+   default and the 7B preset's) or, through `pose_kl=`, the closed-form gaussian_kl (tiny: --pose_kl=exact).
 7. Pose KL weights: `beta_c=` gives each candidate's pose KL its own weight in place of beta
    (train_rft.py --beta_i2p on image-to-pose prompts); beta_c = beta everywhere is Eq. 6.
 8. Diagonal covariance: pi_c is N(mu, diag(sigma^2)) over D = 144 rot6d numbers, not Eq. 2's full

@@ -3,7 +3,7 @@
 Per step (Algorithm 1, lines 5-9):
     a batch of prompts q  ->  G answers a_i each, pose_samples poses p_i an answer (model.sample_policy)
     ->  rewards from the registry (rewards.compute_rewards): R_d scores the text a_i, R_c the pose p_i
-    ->  group-relative advantages F_hat (from R_d) and Delta_hat (from R_c, valid candidates only), Eq. 16
+    ->  group-relative advantages F_hat (from R_d) and Delta_hat (from R_c, the candidates in V only), Eq. 16
     ->  the HyGRPO loss, the negative of Eq. 6 (hygrpo.hygrpo_loss)  ->  an AdamW step.
 The old policy of the ratios is the sampling policy (the parameters before this step's update); the
 reference policy of the KL term is the SFT model: a frozen copy of every tensor RFT trains (7B: LoRA,
@@ -12,7 +12,7 @@ frozen base (model.PoseLLaVA.reference; the paper writes both as pi_ref; see hyg
 
 The main job, `python train_rft.py` with no arguments on a fresh clone: trains the tiny SFT model if
 there is none yet (train_sft.py), evaluates it, runs RFT on PoseWorld, evaluates again and prints the
-before/after table (also written to out/tiny-rft/results.md), in under ten minutes on a 2-core CPU
+before/after table (also written to out/tiny-rft/results.md), in about ten minutes on a 2-core CPU
 (README.md gives the timings).
 
 Launch:
@@ -83,8 +83,8 @@ class RFTConfig:
     temperature: float = 1.0          # sampling temperature of the text policy
     top_p: float = 1.0
     max_new_tokens: int = 24
-    # optimisation (the tiny preset's; llava-1.5-7b takes Table 4's from RECIPES below)
-    lr: float = 1e-4                  # tiny; 1e-6 moves the from-scratch tiny model by nothing in 300 steps
+    # optimisation (the tiny preset's; llava-1.5-7b takes RECIPES' below, Table 4's where it states them)
+    lr: float = 1e-4                  # tiny: 3e-5 and 1e-5 gained less; the paper's 1e-6 was not run (docs/experiments.md)
     min_lr_ratio: float = 0.1
     warmup_steps: int = 10
     weight_decay: float = 0.0
@@ -127,7 +127,8 @@ class RFTConfig:
 # defaults before the command line's flags. Every setting is here but those in PRESET_FREE, so no value
 # tuned for the tiny world reaches a 7B run unless a flag asks for it (tests/test_real_preset.py).
 # Sec. 4.1: "Reinforcement fine-tuning follows the settings of Visual-RFT and VLM-R1", which run GRPO as
-# DeepSeekMath defines it: G = 8, beta = 0.04, the k3 KL estimator, epsilon = 0.2, one update per batch.
+# DeepSeekMath defines it (beta = 0.04, the k3 KL estimator, epsilon = 0.2, one update per batch), with
+# VLM-R1's G = 8 answers a prompt.
 RECIPES = {"llava-1.5-7b": {
     "sft_dir": ("out/llava-1.5-7b-sft", "choice: train_sft.py's 7B folder"),
     "out_dir": ("out/llava-1.5-7b-rft", "choice: the preset's own folder"),
@@ -312,7 +313,8 @@ def hygrpo_step(policy, opt, params, batches, cfg, ctx, weights, body_model, tok
     t_update = time.time() - t0
     metrics = [part_metrics(p, weights) for p in parts]
     # the loss's terms are divided by the whole batch's N and V already: they add up over micro-batches;
-    # everything else (reward means, per-token fractions, timings) is one micro-batch's mean
+    # everything else (reward means, per-token fractions, timings) is averaged over micro-batches (a timing
+    # is a micro-batch's, not the step's sum)
     metrics = {k: (sum if k in SUMMED_STATS else nan_mean)([m[k] for m in metrics]) for k in metrics[0]}
     return {**metrics, "grad_norm": grad_norm, "t_update": t_update}
 

@@ -83,7 +83,7 @@ class SFTConfig:
     llava_path: str = ""             # llava-hf/llava-1.5-7b-hf folder (config.json, safetensors, tokenizer.json)
     pose_encoder_path: str = ""      # HMR2.0 checkpoint (4D-Humans), or a safetensors of its backbone
     smpl_path: str = ""              # official SMPL model file; empty = the built-in skeleton
-    # optimisation (the tiny preset's; llava-1.5-7b takes Table 4's from RECIPES below)
+    # optimisation (the tiny preset's; llava-1.5-7b takes RECIPES' below, Table 4's where it states them)
     batch_size: int = 16             # GLOBAL samples per optimiser step (Table 4's batch), over all processes
     micro_batch: int = 0             # samples per process per forward pass; 0 = its whole share (no accumulation)
     max_steps: int = 2400            # tiny, after pretrain_steps; 3000 did better but cost time (docs/experiments.md)

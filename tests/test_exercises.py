@@ -116,6 +116,14 @@ def test_exercise_eval_retriever_as_reward_runs(sft_dir, tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
+def test_exercise_grpo_runs(sft_dir, tmp_path):
+    """Exercise 5: --algo=grpo (Fig. 4's baseline) runs its steps with a finite loss (hygrpo_loss's
+    discrete_only term itself is checked in tests/test_hygrpo.py)."""
+    rows = run_exercise(sft_dir, tmp_path, "--algo=grpo")
+    assert len(rows) == 2 and all(math.isfinite(r["loss"]) for r in rows)
+
+
+@pytest.mark.slow
 def test_exercise_kl_estimator_runs(sft_dir, tmp_path):
     """Exercise 6: GRPO's k3 pose KL at one beta 0.04 instead of the default closed form; the loss's kl_c
     is then k3, and the closed form is still logged beside it."""
