@@ -28,7 +28,7 @@ schedule, what trains, the task mix, ...) is a row of the departures table (mode
 9. Advantages (Eq. 16): (r - mean) / (std + 1e-6), sample std (Bessel), over a group's valid members;
    fewer than two distinct valid rewards give exact zeros. A group is a prompt's group_size candidates (G
    answers x pose_samples; = G with one pose an answer, as in Eq. 16), so F_hat's std runs over an
-   answer's copies (F_hat 1.067x larger at 8 x 32 than 8 x 1).
+   answer's copies (F_hat sqrt((8/7) / (256/255)) = 1.067x larger at 8 x 32 than 8 x 1).
 10. An extra gradient term, not in Eq. 6: train_rft.py adds the gradient of each reward registered as
    differentiable (the joint reward) at the Gaussian's mean, divided by its group's std
    (group_advantages(..., hold_stats=True)) and weighted by --gradient_at_mean: a deterministic policy
@@ -161,8 +161,8 @@ def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor, max_log_ratio: float = MAX
     ref - logp is clamped from ABOVE only, at max_log_ratio (note 12): only d > 0 can overflow exp(),
     so one wild sample cannot make an inf or NaN loss. Below, k3 = e^d - d - 1 is about -d - 1 and
     stays exact, with gradient dk3/dlogp = 1 - e^d -> 1: the further the policy's log-density at its
-    own sample rises above the reference's, the harder the KL pulls back. (A lower clamp at -20 froze
-    the pose KL at 19, gradient 0, after a mean shift of a few degrees in 144 dimensions.)
+    own sample rises above the reference's, the harder the KL pulls back. (A lower clamp at -20 would
+    freeze the KL at e^-20 + 19, gradient 0, once d < -20: a small mean shift summed over 144 dimensions.)
     """
     d = (ref_logp - logp).clamp(max=max_log_ratio)  # (...)
     return torch.exp(d) - d - 1  # (...)

@@ -250,7 +250,7 @@ class PoseLLaVA(nn.Module):
         tiny SFT: everything (no pretrained weights exist) except the LoRA adapters, which would only
         duplicate the full weights; they stay at B = 0, so the SFT model is the plain network.
         tiny RFT: the same, less the encoders f_a, f_b (a rollout stores their features, policy_logprobs):
-        the whole 4-layer LLM, W_a, W_b and the head, 1.2M numbers. Not the paper's setting (adapters on
+        the whole 4-layer LLM, W_a, W_b and the head. Not the paper's setting (adapters on
         a frozen 7B LLM; README, 'Departures'): a 7B LLM brings general features the adapters can
         recombine; the tiny one, trained from scratch on SFT's objective, must change its own.
         """
