@@ -382,17 +382,27 @@ def reduce_metrics(metrics, world_size, device):
 # Setup
 
 
+def saved_sft_config(saved):
+    """An SFT run's SFTConfig from the config dict its checkpoint saved (keys it does not know dropped)."""
+    fields = {f.name for f in dataclasses.fields(train_sft.SFTConfig)}
+    return train_sft.SFTConfig(**{k: v for k, v in saved.items() if k in fields})
+
+
+def apply_sft_overrides(sft_cfg, overrides):
+    """--sft_overrides, e.g. "max_steps=100;lr=1e-3", set on sft_cfg as train_sft.py's own flags."""
+    for item in filter(None, overrides.split(";")):
+        apply_overrides(sft_cfg, ["--" + item.strip()])
+    return sft_cfg
+
+
 def check_sft_overrides(cfg, saved):
     """--sft_overrides only shapes an SFT run this command trains: refuse ones that differ from the saved
     config of the SFT run already in --sft_dir (they would be silently ignored)."""
     if not cfg.sft_overrides or not saved:
         return
-    fields = {f.name for f in dataclasses.fields(train_sft.SFTConfig)}
-    wanted = train_sft.SFTConfig(**{k: v for k, v in saved.items() if k in fields})
-    for item in filter(None, cfg.sft_overrides.split(";")):
-        apply_overrides(wanted, ["--" + item.strip()])
-    differ = [f"{k}={getattr(wanted, k)!r} (saved: {saved[k]!r})" for k in sorted(fields)
-              if k in saved and getattr(wanted, k) != saved[k]]
+    wanted = apply_sft_overrides(saved_sft_config(saved), cfg.sft_overrides)
+    differ = [f"{k}={getattr(wanted, k)!r} (saved: {saved[k]!r})" for k in sorted(saved)
+              if hasattr(wanted, k) and getattr(wanted, k) != saved[k]]
     if differ:
         raise SystemExit(f"--sft_overrides={cfg.sft_overrides!r} would change the SFT run already in "
                          f"{cfg.sft_dir}: {', '.join(differ)}. Give the new SFT model its own --sft_dir")
@@ -410,11 +420,11 @@ def ensure_sft(cfg):
             extra = json.load(open(config_path)).get("extra") or {}
         except (ValueError, AttributeError) as e:
             raise SystemExit(f"{config_path}: not a checkpoint config ({type(e).__name__}: {e})") from None
+        saved = extra.get("config") or {}
         M.check_same_preset(extra.get("config"), cfg, f"the SFT checkpoint in {cfg.sft_dir}")
-        check_sft_overrides(cfg, extra.get("config") or {})
+        check_sft_overrides(cfg, saved)
         if run_finished(extra) or cfg.allow_unfinished_sft:
             return
-        saved = extra.get("config") or {}
         if cfg.preset != "tiny":
             raise SystemExit(f"the SFT run in {cfg.sft_dir} stopped at step {extra.get('step')} of "
                              f"{saved.get('max_steps')}: finish it with `train_sft.py --out_dir={cfg.sft_dir} "
@@ -422,8 +432,7 @@ def ensure_sft(cfg):
                              f"--allow_unfinished_sft=true to start RFT from it anyway")
         print0(f"the SFT run in {cfg.sft_dir} stopped at step {extra.get('step')} of {saved.get('max_steps')}: "
                f"resuming it first (train_sft.py --resume=true)")
-        fields = {f.name for f in dataclasses.fields(train_sft.SFTConfig)}
-        sft_cfg = train_sft.SFTConfig(**{k: v for k, v in saved.items() if k in fields})
+        sft_cfg = saved_sft_config(saved)
         sft_cfg.resume, sft_cfg.stop_after, sft_cfg.out_dir = True, 0, cfg.sft_dir
         train_sft.main(cfg=sft_cfg)
         return
@@ -433,9 +442,7 @@ def ensure_sft(cfg):
     sft_cfg = train_sft.SFTConfig(out_dir=cfg.sft_dir, seed=cfg.seed, device=cfg.device,
                                   poseworld_size=cfg.poseworld_size, image_size=cfg.image_size,
                                   num_threads=cfg.num_threads)
-    for item in filter(None, cfg.sft_overrides.split(";")):  # e.g. "max_steps=100;lr=1e-3"
-        apply_overrides(sft_cfg, ["--" + item.strip()])
-    train_sft.main(cfg=sft_cfg)
+    train_sft.main(cfg=apply_sft_overrides(sft_cfg, cfg.sft_overrides))
 
 
 def load_policy(cfg, device):
@@ -628,9 +635,7 @@ def departures_foot(cfg):
     path = os.path.join(M.checkpoint_dir(cfg.sft_dir), "config.json")
     saved = (json.load(open(path)).get("extra") or {}).get("config") if os.path.exists(path) else None
     if saved:
-        fields = {f.name for f in dataclasses.fields(train_sft.SFTConfig)}
-        sft_cfg = train_sft.SFTConfig(**{k: v for k, v in saved.items() if k in fields})
-        text += "\n\n" + M.format_departures(M.departures(sft_cfg, "sft"), "and its SFT run")
+        text += "\n\n" + M.format_departures(M.departures(saved_sft_config(saved), "sft"), "and its SFT run")
     return text
 
 
