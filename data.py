@@ -1184,10 +1184,13 @@ POSESCRIPT_QUESTION = "Generate the SMPL pose of the person described as follows
 IMAGE_POSE_QUESTION = "What is the SMPL pose of the person in this image?"
 
 
-def build_prompt(question: str, has_image: bool) -> str:
+def build_prompt(question: str, has_image: bool, system: str = LLAVA_SYSTEM) -> str:
     """The LLaVA v1 prompt up to the assistant's turn:
 
         "{system} USER: <image>\\n{question} ASSISTANT:"
+
+    system="" leaves the system line out ("USER: ... ASSISTANT:"): the tiny preset's template
+    (train_sft.py --system_line; the policy's config.system_prompt says which a checkpoint was trained on).
 
     conv_vicuna_v1 uses sep=" " after the system prompt and after the user turn, sep2="</s>" after the
     assistant turn, and an open turn is the role followed by ":" alone. The answer is appended as
@@ -1196,7 +1199,7 @@ def build_prompt(question: str, has_image: bool) -> str:
     if IMAGE_TOKEN in question:
         raise ValueError(f"the question must not contain {IMAGE_TOKEN!r} (build_prompt adds it): {question!r}")
     user = f"{IMAGE_TOKEN}\n{question}" if has_image else question
-    return f"{LLAVA_SYSTEM} USER: {user} ASSISTANT:"
+    return f"{system} USER: {user} ASSISTANT:" if system else f"USER: {user} ASSISTANT:"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1224,16 +1227,18 @@ def _bos(tokenizer) -> list[int]:
     return [] if tokenizer.bos_id is None else [tokenizer.bos_id]
 
 
-def encode_prompt(question: str, has_image: bool, tokenizer, n_image_tokens: int) -> torch.Tensor:
+def encode_prompt(question: str, has_image: bool, tokenizer, n_image_tokens: int,
+                  system: str = LLAVA_SYSTEM) -> torch.Tensor:
     """[bos] + tokens of build_prompt(), the image token expanded. What the policy is conditioned on when
     it generates (RFT sampling, evaluation). -> (T,) long"""
     image_id = tokenizer.token_to_id(IMAGE_TOKEN)
-    ids = _expand_image_token(tokenizer.encode(build_prompt(question, has_image)), image_id,
+    ids = _expand_image_token(tokenizer.encode(build_prompt(question, has_image, system)), image_id,
                               n_image_tokens, has_image)
     return torch.tensor(_bos(tokenizer) + ids, dtype=torch.long)  # (T,)
 
 
-def encode_sample(sample: dict, tokenizer, n_image_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_sample(sample: dict, tokenizer, n_image_tokens: int,
+                  system: str = LLAVA_SYSTEM) -> tuple[torch.Tensor, torch.Tensor]:
     """Token ids and labels of one training conversation; the loss is on the answer only.
 
     input_ids = [bos] + prompt + answer + [eos], labels = IGNORE_INDEX on [bos] + prompt, the token ids on
@@ -1248,7 +1253,7 @@ def encode_sample(sample: dict, tokenizer, n_image_tokens: int) -> tuple[torch.T
     A tokenizer that merges across the boundary would break this; that is checked.
     """
     has_image = sample["image"] is not None
-    prompt = build_prompt(sample["question"], has_image)
+    prompt = build_prompt(sample["question"], has_image, system)
     prompt_ids = tokenizer.encode(prompt)
     full_ids = tokenizer.encode(prompt + " " + sample["answer"])
     if full_ids[:len(prompt_ids)] != prompt_ids:
@@ -1333,7 +1338,7 @@ def pose_vit_preprocess(images: torch.Tensor, size: tuple[int, int] = (256, 192)
 
 
 def collate(samples: list[dict], tokenizer, n_image_tokens: int, clip_size: int,
-            pose_size: tuple[int, int], for_generation: bool = False) -> dict:
+            pose_size: tuple[int, int], for_generation: bool = False, system: str = LLAVA_SYSTEM) -> dict:
     """Batch sample dicts for the policy.
 
     Text. Training (SFT): input_ids / attention_mask / labels, right-padded, labels IGNORE_INDEX on the
@@ -1356,9 +1361,10 @@ def collate(samples: list[dict], tokenizer, n_image_tokens: int, clip_size: int,
     B = len(samples)
 
     if for_generation:
-        rows = [encode_prompt(s["question"], s["image"] is not None, tokenizer, n_image_tokens) for s in samples]
+        rows = [encode_prompt(s["question"], s["image"] is not None, tokenizer, n_image_tokens, system)
+                for s in samples]
     else:
-        rows, label_rows = zip(*[encode_sample(s, tokenizer, n_image_tokens) for s in samples])
+        rows, label_rows = zip(*[encode_sample(s, tokenizer, n_image_tokens, system) for s in samples])
     T = max(len(r) for r in rows)
     input_ids = torch.full((B, T), pad_id, dtype=torch.long)  # (B, T)
     attention_mask = torch.zeros(B, T, dtype=torch.long)  # (B, T)
@@ -1472,11 +1478,18 @@ def make_loader(dataset, batch_size: int, rank: int = 0, world_size: int = 1, se
 
 
 def collate_fn(tokenizer, policy, for_generation=False):
-    """`collate` with the encoders' input sizes and the number of image tokens of this policy
-    (model.PoseLLaVA), for make_loader or a list of samples."""
+    """`collate` with the encoders' input sizes, the number of image tokens and the prompt's system line
+    of this policy (model.PoseLLaVA), for make_loader or a list of samples."""
     c = policy.config
     return functools.partial(collate, tokenizer=tokenizer, n_image_tokens=policy.n_image_tokens,
-                             clip_size=c.clip_size, pose_size=c.pose_size, for_generation=for_generation)
+                             clip_size=c.clip_size, pose_size=c.pose_size, for_generation=for_generation,
+                             system=prompt_system(c))
+
+
+def prompt_system(config) -> str:
+    """The system line of a policy's prompts: its config's system_prompt, where None (the paper's
+    template, and every checkpoint saved before the field existed) means LLaVA v1's."""
+    return LLAVA_SYSTEM if config.system_prompt is None else config.system_prompt
 
 
 def to_device(batch: dict, device) -> dict:

@@ -1283,7 +1283,7 @@ def ask(args) -> dict:
     text = args.ask if task == "t2p" else args.question or ""
     prompt = ask_prompt(task, text, train_cfg.get("data", "poseworld"))
     batch = data.collate([{"question": prompt, "image": image}], tokenizer, config.n_image_tokens, config.clip_size,
-                         config.pose_size, for_generation=True)
+                         config.pose_size, for_generation=True, system=data.prompt_system(config))
     context = config.llava.text_config.max_position_embeddings
     if batch["input_ids"].shape[1] + args.max_new_tokens > context:
         what = "caption" if task == "t2p" else "question"

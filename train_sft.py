@@ -101,6 +101,7 @@ class SFTConfig:
     joint_weight: float = 20.0       # mean per-joint position error through SMPL, metres
     posecode_weight: float = 5.0     # auxiliary posecode_loss: teaches h at <POSE> which side (docs/experiments.md)
     deterministic_head: bool = False  # Table 3 "Baseline": mean-only pose head
+    system_line: bool = False        # LLaVA v1's system line in every prompt; tiny: none, 23 of 85 tokens a row (docs/experiments.md)
     # then the pose head alone on the frozen policy's h at <POSE> (refit_pose_head); 0 = none
     head_steps: int = 3000           # the head fit h before h carried the codes; refit, it reads them (docs/experiments.md)
     head_lr: float = 5e-4            # constant: SFT's lr has decayed by the time h carries the codes
@@ -149,6 +150,7 @@ RECIPES = {"llava-1.5-7b": {
     "nll_beta": (0.0, "paper: Eq. 2, the plain likelihood"),
     "joint_weight": (20.0, "choice: not stated; a metric target for the mean (as tiny)"),
     "deterministic_head": (False, "paper: Eq. 2, the Gaussian head"),
+    "system_line": (True, "paper: LLaVA-1.5's v1 template, the one its weights were tuned on"),
     "posecode_weight": (0.0, "paper: no auxiliary loss"),
     "head_steps": (0, "paper: one SFT stage"),
     "head_lr": (5e-4, "choice: unused at head_steps=0"),
@@ -170,15 +172,15 @@ PRESET_FREE = {"preset", "resume", "seed", "device", "poseworld_size", "image_si
 # The three stages
 
 
-def poseworld_texts(ds):
+def poseworld_texts(ds, system=data.LLAVA_SYSTEM):
     """Every text the tiny tokenizer must cover: the conversation template, questions, answers."""
-    texts = [data.build_prompt(q, has_image=False) for q in ds.questions[:64]]
+    texts = [data.build_prompt(q, has_image=False, system=system) for q in ds.questions[:64]]
     return texts + list(ds.questions) + list(ds.answers) + list(ds.captions)
 
 
 def train_tokenizer(cfg, train_set):
     """Tiny preset: a BPE vocabulary learned from PoseWorld text (llava-1.5-7b uses llava-hf's)."""
-    texts = poseworld_texts(train_set)
+    texts = poseworld_texts(train_set, data.LLAVA_SYSTEM if cfg.system_line else "")
     return M.Tokenizer.train_bpe(texts, cfg.vocab_size)
 
 
@@ -481,17 +483,24 @@ def parse_sizes(spec):
     return sizes
 
 
+def system_prompt(cfg):
+    """The policy config's system_prompt for --system_line: None = LLaVA v1's line, "" = none."""
+    return None if cfg.system_line else ""
+
+
 def build_policy(cfg, tokenizer, device):
     """The pose-specific MLLM of the preset (model.py), set up for the SFT stage."""
     dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32  # the frozen base; trained stay fp32
     if cfg.preset == "tiny":
         policy = M.PoseLLaVA.from_preset("tiny", tokenizer=tokenizer, device=device,
-                                         deterministic=cfg.deterministic_head, **parse_sizes(cfg.tiny_sizes))
+                                         deterministic=cfg.deterministic_head, system_prompt=system_prompt(cfg),
+                                         **parse_sizes(cfg.tiny_sizes))
     else:
         policy = M.PoseLLaVA.from_preset(cfg.preset, tokenizer=tokenizer, device=device, dtype=dtype,
                                          llava_path=cfg.llava_path or None,
                                          pose_encoder_path=cfg.pose_encoder_path or None,
-                                         smpl_path=cfg.smpl_path or None, deterministic=cfg.deterministic_head)
+                                         smpl_path=cfg.smpl_path or None, deterministic=cfg.deterministic_head,
+                                         system_prompt=system_prompt(cfg))
     policy.set_trainable("sft")
     policy.llava.language_model.model.gradient_checkpointing = cfg.activation_checkpointing
     return policy

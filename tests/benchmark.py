@@ -5,6 +5,7 @@
 
 Timings on shared machines are noisy: compare the ratios printed within one run.
 """
+import dataclasses
 import os
 import sys
 import time
@@ -365,7 +366,9 @@ def bench_sft(steps=20, batch=16):
     """One SFT step of the tiny preset (train_sft.sft_loss, backward, fused AdamW) on a batch of the main
     job's size: its achieved GFLOP/s (forward + backward FLOPs counted by torch.utils.flop_counter) beside
     a plain float32 matmul's on the same machine in the same run, and where the batch's tokens go
-    (padding to the longest sample, the conversation template, image tokens on text-only samples)."""
+    (padding to the longest sample, the conversation template, image tokens on text-only samples). The
+    same samples with LLaVA's system line (the paper's template, --system_line=true) are timed in
+    alternation with the tiny default, so the two step times compare within one run."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -378,44 +381,65 @@ def bench_sft(steps=20, batch=16):
     torch.manual_seed(0)
     policy = train_sft.build_policy(cfg, tok, "cpu")
     body = smpl.build_body_model("", "cpu")
-    params = [p for p in policy.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True)
-    loader = iter(data.make_loader(world, batch, seed=0, collate_fn=data.collate_fn(tok, policy)))
-    batches = [next(loader) for _ in range(steps)]
+    cfg_line = dataclasses.replace(cfg, system_line=True)  # the paper's template, its own tokenizer and policy
+    tok_line = train_sft.train_tokenizer(cfg_line, world)
+    policy_line = train_sft.build_policy(cfg_line, tok_line, "cpu")
+    opts = {id(p): torch.optim.AdamW([q for q in p.parameters() if q.requires_grad], lr=cfg.lr,
+                                     betas=(cfg.beta1, cfg.beta2), fused=True) for p in (policy, policy_line)}
+    loader = iter(data.make_loader(world, batch, seed=0))  # lists of samples
+    samples = [next(loader) for _ in range(steps)]
+    batches = [data.collate_fn(tok, policy)(s) for s in samples]  # the tiny template: no system line
+    with_line = [data.collate_fn(tok_line, policy_line)(s) for s in samples]
 
-    def step(b):
-        loss, _ = train_sft.sft_loss(policy, body, b, cfg)
-        opt.zero_grad(set_to_none=True)
+    def step(b, p=policy):
+        loss, _ = train_sft.sft_loss(p, body, b, cfg)
+        opts[id(p)].zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
+        opts[id(p)].step()
+
+    def mean_step(bs, p=policy):
+        t0 = time.perf_counter()
+        for b in bs:
+            step(b, p)
+        return (time.perf_counter() - t0) / len(bs)
 
     with FlopCounterMode(display=False) as counter:
         loss, _ = train_sft.sft_loss(policy, body, batches[0], cfg)
         loss.backward()
     flops = counter.get_total_flops()
     step(batches[0])  # warm-up
-    t0 = time.perf_counter()
-    for b in batches:
-        step(b)
-    dt = (time.perf_counter() - t0) / steps
+    step(with_line[0], policy_line)
+    times, times_line = [], []
+    for _ in range(2):  # alternate, so that a drift of the machine's speed hits both
+        times.append(mean_step(batches))
+        times_line.append(mean_step(with_line, policy_line))
+    dt, dt_line = min(times), min(times_line)
     n = 512
     a, w = torch.randn(4 * n, n), torch.randn(n, n)
     mm = timeit(lambda: a @ w, repeat=20, warmup=3)
-    real = sum(b["attention_mask"].sum().item() for b in batches)  # tokens that are not padding
-    slots = sum(b["attention_mask"].numel() for b in batches)
-    T = sum(b["attention_mask"].shape[1] for b in batches) / steps
+
+    def tokens(bs):  # (tokens a row incl. padding, real tokens of all batches)
+        return (sum(b["attention_mask"].shape[1] for b in bs) / len(bs),
+                sum(b["attention_mask"].sum().item() for b in bs))
+    T, real = tokens(batches)
+    T_line, _ = tokens(with_line)
     with_image = sum(len(b["image_index"]) for b in batches) / (steps * batch)
     print(f"tiny SFT step, batch {batch}, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}, "
-          f"mean of {steps} steps")
+          f"best of 2 means of {steps} steps")
     print(f"  step           {1000 * dt:7.1f} ms, {flops / 1e9:6.2f} GFLOP (forward + backward of the first batch)")
     print(f"  achieved       {flops / dt / 1e9:7.2f} GFLOP/s")
     print(f"  plain matmul   {2 * 4 * n * n * n / mm / 1e9:7.2f} GFLOP/s ({4 * n}x{n} @ {n}x{n}, float32)")
     print(f"  ratio          {flops / dt / (2 * 4 * n * n * n / mm):7.3f}")
-    print(f"  tokens         {T:.0f} a row on average (the longest sample of its batch), {real / slots:.1%} of "
-          f"them real, the rest padding")
-    template = len(data.encode_prompt("", False, tok, policy.n_image_tokens))
+    print(f"  tokens         {T:.0f} a row on average (the longest sample of its batch), "
+          f"{real / (T * batch * steps):.1%} of them real, the rest padding")
+    template = len(data.encode_prompt("", False, tok, policy.n_image_tokens, data.prompt_system(policy.config)))
     print(f"  template       {template} tokens of prompt around the question, in every row")
     print(f"  images         {policy.n_image_tokens} tokens a row with an image; {with_image:.0%} of the rows have one")
+    print(f"  system line    LLaVA's (--system_line=true, its own tokenizer) on the same samples: "
+          f"{1000 * dt_line:.1f} ms a step, {T_line:.0f} tokens a row; without it (tiny) {dt / dt_line:.2f}x the time")
+    print(f"  samples/s      {batch / dt:7.1f} tiny, {batch / dt_line:.1f} with the system line (the same "
+          f"questions and answers)")
+
 
 if __name__ == "__main__":
     names = sys.argv[1:] or list(BENCHES)

@@ -24,10 +24,10 @@ CAPTION = "The right foot is lifted above the left one. Someone raises their lef
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    """A tiny SFT run of 60 steps: enough to answer with the pose template and its <POSE> (not to pose well)."""
+    """A tiny SFT run of 90 steps: enough to answer with the pose template and its <POSE> (not to pose well)."""
     out = tmp_path_factory.mktemp("ask_sft")
-    cfg = train_sft.SFTConfig(out_dir=str(out), head_steps=20, max_steps=60, batch_size=4, poseworld_size=240,
-                              task_mix="", posecode_weight=0.0,  # the quick recipe that writes <POSE> in 60 steps
+    cfg = train_sft.SFTConfig(out_dir=str(out), head_steps=20, max_steps=90, batch_size=4, poseworld_size=240,
+                              task_mix="", posecode_weight=0.0,  # the quick recipe that writes <POSE> in 90 steps
                               retriever_pairs=120,
                               retriever_steps=2, retriever_batch=32, vocab_size=400, save_every=1000,
                               pretrain_steps=0, warmup_steps=2, lr=2e-3, num_threads=1)

@@ -111,6 +111,35 @@ def test_build_prompt_is_llava_v1():
         D.build_prompt("<image>\nWhat is this?", has_image=True)
 
 
+def test_the_system_line_follows_the_policy_config():
+    """The tiny preset's prompts leave LLaVA's system line out, the 7B recipe's keep it, and a checkpoint
+    saved before the choice existed reads as LLaVA's. Catches a policy trained on one template and
+    sampled or evaluated on the other (collate_fn must take it from the policy's config), and the
+    tokenizer and the prompt disagreeing on it."""
+    import model as M
+    import train_sft
+    assert D.build_prompt("What is this?", True, system="") == "USER: <image>\nWhat is this? ASSISTANT:"
+    world = D.PoseWorld("val", size=30, seed=5, cache_dir=None)
+    tok = M.Tokenizer.train_bpe(train_sft.poseworld_texts(world, ""), 400)
+    tiny = train_sft.build_policy(train_sft.SFTConfig(), tok, "cpu")
+    saved = M.PoseLLaVAConfig.from_dict(tiny.config.to_dict())
+    assert tiny.config.system_prompt == "" and D.prompt_system(saved) == ""
+    old = tiny.config.to_dict()
+    del old["system_prompt"]
+    assert D.prompt_system(M.PoseLLaVAConfig.from_dict(old)) == D.LLAVA_SYSTEM
+    sft, _ = M.resolve_config(train_sft.SFTConfig(), ["--preset=llava-1.5-7b"], train_sft.RECIPES)
+    assert train_sft.system_prompt(sft) is None  # the paper's template
+    samples = [world[i] for i in range(4)]
+    for generation in (False, True):
+        batch = D.collate_fn(tok, tiny, generation)(samples)
+        with_line = D.collate(samples, tok, tiny.n_image_tokens, tiny.config.clip_size, tiny.config.pose_size,
+                              generation, system=D.LLAVA_SYSTEM)
+        real = batch["input_ids"][0][batch["attention_mask"][0].bool()].tolist()
+        assert real[0] == tok.bos_id and tok.decode(real[1:]).lstrip().startswith("USER:")
+        line = len(tok.encode(D.LLAVA_SYSTEM + " USER:")) - len(tok.encode("USER:"))
+        assert (with_line["attention_mask"].sum(1) - batch["attention_mask"].sum(1)).tolist() == [line] * 4
+
+
 def test_collated_labels_only_on_answer_and_eos():
     """Loss only on the answer: catches labels on the prompt, on the image tokens or on padding, a missing
     eos label, a miscounted image expansion, rows that are not right-padded, and a pose used where the
