@@ -383,9 +383,10 @@ def reduce_metrics(metrics, world_size, device):
 
 
 def saved_sft_config(saved):
-    """An SFT run's SFTConfig from the config dict its checkpoint saved (keys it does not know dropped)."""
+    """An SFT run's SFTConfig from the config dict its checkpoint saved (keys it does not know dropped).
+    A run saved before --system_line existed was trained with LLaVA's system line."""
     fields = {f.name for f in dataclasses.fields(train_sft.SFTConfig)}
-    return train_sft.SFTConfig(**{k: v for k, v in saved.items() if k in fields})
+    return train_sft.SFTConfig(**{k: v for k, v in {"system_line": True, **saved}.items() if k in fields})
 
 
 def apply_sft_overrides(sft_cfg, overrides):

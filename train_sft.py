@@ -564,6 +564,10 @@ def main(argv=None, cfg=None):
                             .get("extra", {}).get("config"), cfg, f"the checkpoint in {cfg.out_dir}")
         saved = M.load_checkpoint(cfg.out_dir, llava_path=cfg.llava_path or None,
                                   pose_encoder_path=cfg.pose_encoder_path or None, device=device)[0]
+        if data.prompt_system(saved.config) != data.prompt_system(policy.config):  # the run's own, as its vocabulary
+            trained_with = data.prompt_system(saved.config) == data.LLAVA_SYSTEM
+            raise SystemExit(f"the SFT run in {cfg.out_dir} was trained {'with' if trained_with else 'without'} "
+                             f"LLaVA's system line: resume it with --system_line={str(trained_with).lower()}")
         policy.load_state_dict(saved.state_dict())
         if posecode_head is not None:
             posecode_head.load_state_dict(state["posecode_head"])

@@ -411,6 +411,12 @@ def test_unfinished_sft_is_resumed_or_refused(tmp_path):
     train_sft.main(cfg=train_sft.SFTConfig(**cfg, stop_after=2))
     extra = json.load(open(sft / "checkpoint" / "config.json"))["extra"]
     assert extra["finished"] is False and extra["step"] == 2
+    # resumed on the other prompt template: refused, not trained on a second template
+    with pytest.raises(SystemExit, match="trained without LLaVA's system line: resume it with --system_line=false"):
+        train_sft.main(cfg=train_sft.SFTConfig(**cfg, resume=True, system_line=True))
+    # a run saved before --system_line existed had the line (so ensure_sft resumes it with it)
+    assert train_rft.saved_sft_config({k: v for k, v in extra["config"].items() if k != "system_line"}).system_line
+    assert not train_rft.saved_sft_config(extra["config"]).system_line
     os.remove(sft / "retriever_eval" / "config.json")  # as a kill during the old, non-atomic save left it
     # a 7B run is never resumed for the user: its SFT run's config says llava-1.5-7b (ensure_sft reads only that)
     meta_path = sft / "checkpoint" / "config.json"
