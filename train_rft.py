@@ -12,7 +12,7 @@ frozen base (model.PoseLLaVA.reference; the paper writes both as pi_ref; see hyg
 
 The main job, `python train_rft.py` with no arguments on a fresh clone: trains the tiny SFT model if
 there is none yet (train_sft.py), evaluates it, runs RFT on PoseWorld, evaluates again and prints the
-before/after table (also written to out/tiny-rft/results.md), in about eight minutes on a 2-core CPU
+before/after table (also written to out/tiny-rft/results.md), in about nine minutes on a 2-core CPU
 (README.md gives the timings).
 
 Launch:
