@@ -1479,9 +1479,10 @@ def make_loader(dataset, batch_size: int, rank: int = 0, world_size: int = 1, se
 
 def collate_fn(tokenizer, policy, for_generation=False):
     """`collate` with the encoders' input sizes, the number of image tokens and the prompt's system line
-    of this policy (model.PoseLLaVA), for make_loader or a list of samples."""
-    c = policy.config
-    return functools.partial(collate, tokenizer=tokenizer, n_image_tokens=policy.n_image_tokens,
+    of this policy (model.PoseLLaVA, or its PoseLLaVAConfig: eval.py --ask collates before it loads the
+    weights), for make_loader or a list of samples."""
+    c = getattr(policy, "config", policy)
+    return functools.partial(collate, tokenizer=tokenizer, n_image_tokens=c.n_image_tokens,
                              clip_size=c.clip_size, pose_size=c.pose_size, for_generation=for_generation,
                              system=prompt_system(c))
 

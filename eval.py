@@ -1282,8 +1282,7 @@ def ask(args) -> dict:
         image, image_note = ask_image(args.image, config.preset, train_cfg.get("image_size", 64), args.bbox)
     text = args.ask if task == "t2p" else args.question or ""
     prompt = ask_prompt(task, text, train_cfg.get("data", "poseworld"))
-    batch = data.collate([{"question": prompt, "image": image}], tokenizer, config.n_image_tokens, config.clip_size,
-                         config.pose_size, for_generation=True, system=data.prompt_system(config))
+    batch = data.collate_fn(tokenizer, config, for_generation=True)([{"question": prompt, "image": image}])
     context = config.llava.text_config.max_position_embeddings
     if batch["input_ids"].shape[1] + args.max_new_tokens > context:
         what = "caption" if task == "t2p" else "question"

@@ -384,23 +384,23 @@ def bench_sft(steps=20, batch=16):
     cfg_line = dataclasses.replace(cfg, system_line=True)  # the paper's template, its own tokenizer and policy
     tok_line = train_sft.train_tokenizer(cfg_line, world)
     policy_line = train_sft.build_policy(cfg_line, tok_line, "cpu")
-    opts = {id(p): torch.optim.AdamW([q for q in p.parameters() if q.requires_grad], lr=cfg.lr,
-                                     betas=(cfg.beta1, cfg.beta2), fused=True) for p in (policy, policy_line)}
+    opt, opt_line = (torch.optim.AdamW([q for q in p.parameters() if q.requires_grad], lr=cfg.lr,
+                                       betas=(cfg.beta1, cfg.beta2), fused=True) for p in (policy, policy_line))
     loader = iter(data.make_loader(world, batch, seed=0))  # lists of samples
     samples = [next(loader) for _ in range(steps)]
     batches = [data.collate_fn(tok, policy)(s) for s in samples]  # the tiny template: no system line
     with_line = [data.collate_fn(tok_line, policy_line)(s) for s in samples]
 
-    def step(b, p=policy):
+    def step(b, p=policy, o=opt):
         loss, _ = train_sft.sft_loss(p, body, b, cfg)
-        opts[id(p)].zero_grad(set_to_none=True)
+        o.zero_grad(set_to_none=True)
         loss.backward()
-        opts[id(p)].step()
+        o.step()
 
-    def mean_step(bs, p=policy):
+    def mean_step(bs, p=policy, o=opt):
         t0 = time.perf_counter()
         for b in bs:
-            step(b, p)
+            step(b, p, o)
         return (time.perf_counter() - t0) / len(bs)
 
     with FlopCounterMode(display=False) as counter:
@@ -408,11 +408,11 @@ def bench_sft(steps=20, batch=16):
         loss.backward()
     flops = counter.get_total_flops()
     step(batches[0])  # warm-up
-    step(with_line[0], policy_line)
+    step(with_line[0], policy_line, opt_line)
     times, times_line = [], []
     for _ in range(2):  # alternate, so that a drift of the machine's speed hits both
         times.append(mean_step(batches))
-        times_line.append(mean_step(with_line, policy_line))
+        times_line.append(mean_step(with_line, policy_line, opt_line))
     dt, dt_line = min(times), min(times_line)
     n = 512
     a, w = torch.randn(4 * n, n), torch.randn(n, n)
